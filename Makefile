@@ -1,0 +1,45 @@
+# MX Guard. `make run` starts the guard on conf/guard.toml (memory store);
+# `make test` installs what the tests need and runs them.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CONFIG ?= conf/guard.toml
+PYTEST_ARGS ?=
+
+.PHONY: run test lint bench deps test-deps clean
+
+run: $(BIN)/.installed
+	$(BIN)/mx-guard run -c $(CONFIG)
+
+test: test-deps $(BIN)/.installed-test
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(BIN)/.installed-test
+	$(BIN)/ruff check guard tests
+	$(BIN)/mypy --strict guard
+
+bench: test-deps $(BIN)/.installed-test
+	$(BIN)/python -m tests.bench
+
+deps:
+	sh deploy/install-deps.sh
+
+test-deps: deps
+	sh tests/install-test-deps.sh
+
+$(BIN)/python:
+	$(MAKE) deps
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(BIN)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(BIN)/.installed-test: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@ $(BIN)/.installed
+
+clean:
+	rm -rf $(VENV) .mta .mypy_cache .ruff_cache .pytest_cache *.egg-info

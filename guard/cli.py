@@ -1,0 +1,176 @@
+"""The ``mx-guard`` command line.
+
+Exit codes: 0 ok, 1 bad config or input, 2 usage (argparse's own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+from guard import __version__
+from guard.config import Config, ConfigError, config_path, load_config
+from guard.discovery import directory_for
+from guard.policy import Connection, client_address, decide, recipient_domain
+from guard.store import StoreError, open_store
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 1
+
+log = logging.getLogger("guard")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(config_path(args.config))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args)
+    dns = sum(1 for d in config.domains if d.from_dns)
+    print(f"{config.path}: ok ({len(config.domains)} domain(s), {dns} from DNS, "
+          f"store {config.store.url.split('@')[-1]}, action {config.policy.action})")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from guard.milter import serve  # loads libmilter only for the commands that need it
+    from guard.service import Guard
+
+    config = _load(args)
+    guard = Guard(config)
+    guard.start()
+    try:
+        serve(guard)
+    finally:
+        guard.stop()
+    return EXIT_OK
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from guard.service import Guard
+
+    config = _load(args)
+    guard = Guard(config)
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stopping.set())
+    guard.start()
+    log.info("probing only (no milter); stop with SIGTERM")
+    stopping.wait()
+    guard.stop()
+    return EXIT_OK
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from guard.status import gather_health, render_verdict, to_json, verdict_data
+
+    config = _load(args)
+    client = client_address(args.client)
+    if client is None:
+        print(f"mx-guard explain: --client {args.client!r} is not an IP address",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    domain = recipient_domain(args.rcpt)
+    if domain is None:
+        print(f"mx-guard explain: --rcpt {args.rcpt!r} has no domain", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    directory = directory_for(config)
+    directory.refresh_due()
+    store = open_store(config)
+    try:
+        view = gather_health(config, store, directory)
+    finally:
+        store.close()
+    conn = Connection(client, args.helo, args.authenticated, time.time())
+    verdict = decide(conn, domain, directory.get(domain), view.snapshot, config)
+    if args.json:
+        sys.stdout.write(to_json(verdict_data(verdict, config.me.node, view.source)))
+    else:
+        sys.stdout.write(render_verdict(verdict, config.me.node, view.source))
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from guard.status import gather_health, render_status, status_data, to_json
+
+    config = _load(args)
+    directory = directory_for(config)
+    directory.refresh_due()
+    store = open_store(config)
+    try:
+        view = gather_health(config, store, directory)
+    finally:
+        store.close()
+    data = status_data(config, directory, view)
+    sys.stdout.write(to_json(data) if args.json else render_status(data))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mx-guard",
+        description="Anti-spam milter for secondary MX hosts: flags or tempfails mail "
+        "that bypassed a healthy primary MX.",
+    )
+    parser.add_argument("--version", action="version", version=f"mx-guard {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", help="config file (default: $MX_GUARD_CONFIG "
+                        "or /etc/mx-guard/guard.toml)")
+    common.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("run", parents=[common], help="run the milter, prober and refresher")
+    sub.add_parser("probe", parents=[common], help="run the prober only")
+    sub.add_parser("check-config", parents=[common], help="validate the config file")
+    p = sub.add_parser("status", parents=[common], help="domains, MX tiers and health")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("explain", parents=[common], help="the verdict for a client and "
+                       "recipient, now, and why")
+    p.add_argument("--client", required=True, help="client IP address")
+    p.add_argument("--rcpt", required=True, help="recipient address")
+    p.add_argument("--from", dest="sender", default="", help="envelope sender")
+    p.add_argument("--helo", default="")
+    p.add_argument("--authenticated", action="store_true",
+                   help="the client authenticated (SMTP AUTH)")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "probe": cmd_probe,
+    "check-config": cmd_check_config,
+    "explain": cmd_explain,
+    "status": cmd_status,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as e:
+        print(f"mx-guard: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except StoreError as e:
+        print(f"mx-guard: store: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Milter glue: translates libmilter callbacks into decisions and decisions into replies.
+
+Contracts:
+- Every callback catches its own exceptions, logs them and answers CONTINUE: a broken
+  guard lets mail through (``Milter.set_exception_policy`` is set to match).
+- Callbacks that only collect data are ``@noreply``; only the macros used are
+  requested (``@symlist``).
+- Nothing here waits on the store or DNS: ``Guard.decide`` reads in-memory state.
+- A recipient is decided at RCPT: tempfail/reject there, per recipient; a flag becomes
+  one header at end of message. Incoming headers with our name are always removed.
+- One log line per decision, with the queue id where the MTA has given it (Postfix
+  sends ``i`` only at end of message); everything the client sent is escaped.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+import Milter
+
+from guard.config import Action
+from guard.logsafe import printable
+from guard.policy import Connection, Reason, Verdict, client_address, recipient_domain
+from guard.service import Guard
+
+log = logging.getLogger("guard.milter")
+
+NO_QUEUE_ID = "NOQUEUE"
+MILTER_NAME = "mx-guard"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# pymilter is untyped; these typed aliases keep mypy --strict meaningful here.
+CONTINUE: int = Milter.CONTINUE
+TEMPFAIL: int = Milter.TEMPFAIL
+REJECT: int = Milter.REJECT
+
+
+def noreply(func: F) -> F:
+    return cast(F, Milter.noreply(func))
+
+
+def nocallback(func: F) -> F:
+    return cast(F, Milter.nocallback(func))
+
+
+def symlist(*macros: str) -> Callable[[F], F]:
+    return cast(Callable[[F], F], Milter.symlist(*macros))
+
+# Which verdict explains a message best when recipients got different ones.
+_HEADER_PRECEDENCE = [Reason.BYPASS, Reason.HEALTH_UNKNOWN, Reason.MX_UNKNOWN,
+                      Reason.PRIMARY_DOWN, Reason.UNREACHABLE]
+
+
+def fail_open(callback: F) -> F:
+    """Run a callback; on any exception log it and answer CONTINUE."""
+
+    @functools.wraps(callback)
+    def guarded(self: GuardMilter, *args: Any) -> Any:
+        try:
+            return callback(self, *args)
+        except Exception:
+            log.exception("conn=%s %s callback failed; letting the mail through",
+                          self.conn_id, callback.__name__)
+            return CONTINUE
+
+    return guarded  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class _Decision:
+    recipient: str
+    verdict: Verdict
+
+
+class GuardMilter(Milter.Base):  # type: ignore[misc]
+    """One instance per SMTP connection (libmilter calls us from its own threads)."""
+
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+        self.conn_id = Milter.uniqueID()
+        self.client_raw: str | None = None
+        self.hostname = ""
+        self.helo = ""
+        self.connected_at = time.time()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sender = ""
+        self.authenticated = False
+        self.decisions: list[_Decision] = []
+        self.forged_headers = 0
+
+    # -- callbacks -----------------------------------------------------------------
+
+    @noreply
+    @fail_open
+    @symlist("{client_addr}")
+    def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
+        self.connected_at = time.time()
+        self.hostname = hostname
+        if family in (socket.AF_INET, socket.AF_INET6) and isinstance(hostaddr, tuple):
+            self.client_raw = str(hostaddr[0])
+        else:
+            self.client_raw = self.getsymval("{client_addr}")
+        return CONTINUE
+
+    @noreply
+    @fail_open
+    def hello(self, hostname: str) -> int:
+        self.helo = hostname
+        return CONTINUE
+
+    @noreply
+    @fail_open
+    @symlist("{auth_authen}", "i")
+    def envfrom(self, sender: str, *params: str) -> int:
+        self._flush_pending("transaction reset")
+        self._reset()
+        self.sender = sender
+        self.authenticated = bool(self.getsymval("{auth_authen}"))
+        return CONTINUE
+
+    @fail_open
+    @symlist("i")
+    def envrcpt(self, recipient: str, *params: str) -> int:
+        domain = recipient_domain(recipient)
+        if domain is None:
+            return CONTINUE  # the MTA judges the syntax; nothing for us to guard
+        conn = Connection(client_address(self.client_raw), self.helo, self.authenticated,
+                          self.connected_at)
+        verdict = self.guard.decide(conn, domain)
+        if verdict.action in (Action.TEMPFAIL, Action.REJECT):
+            policy = self.guard.config.policy
+            template = policy.reply if verdict.action is Action.TEMPFAIL else policy.reject_reply
+            reply = template.for_domain(domain)
+            self.setreply(reply.code, reply.enhanced, reply.text)
+            self._log(self.getsymval("i") or NO_QUEUE_ID, recipient, verdict)
+            return TEMPFAIL if verdict.action is Action.TEMPFAIL else REJECT
+        self.decisions.append(_Decision(recipient, verdict))
+        return CONTINUE
+
+    @noreply
+    @fail_open
+    def header(self, name: str, value: str) -> int:
+        if name.lower() == self.guard.config.policy.header.lower():
+            self.forged_headers += 1
+        return CONTINUE
+
+    @nocallback
+    def eoh(self) -> int:
+        return CONTINUE
+
+    @nocallback
+    def body(self, chunk: bytes) -> int:
+        return CONTINUE
+
+    @fail_open
+    @symlist("i")
+    def eom(self) -> int:
+        try:
+            name = self.guard.config.policy.header
+            # Highest index first, so the indexes still to delete do not shift.
+            for index in range(self.forged_headers, 0, -1):
+                self.chgheader(name, index, "")
+            if self.forged_headers:
+                log.info("conn=%s removed %d forged %s header(s)", self.conn_id,
+                         self.forged_headers, name)
+            flagged = [d.verdict for d in self.decisions if d.verdict.adds_header]
+            if flagged:
+                self.addheader(name, self._header_value(flagged))
+            queue_id = self.getsymval("i") or NO_QUEUE_ID
+            for d in self.decisions:
+                self._log(queue_id, d.recipient, d.verdict)
+        finally:
+            self._reset()
+        return CONTINUE
+
+    @fail_open
+    def abort(self) -> int:
+        self._flush_pending("transaction aborted")
+        self._reset()
+        return CONTINUE
+
+    @fail_open
+    def close(self) -> int:
+        self._flush_pending("connection closed")
+        return CONTINUE
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _header_value(self, flagged: list[Verdict]) -> str:
+        flagged.sort(key=lambda v: _HEADER_PRECEDENCE.index(v.reason)
+                     if v.reason in _HEADER_PRECEDENCE else len(_HEADER_PRECEDENCE))
+        value = flagged[0].header_value(self.guard.config.me.node)
+        others = sorted({v.domain for v in flagged} - {flagged[0].domain})
+        if others:
+            value += f"; also={','.join(others)}"
+        return value
+
+    def _flush_pending(self, why: str) -> None:
+        for d in self.decisions:
+            self._log(NO_QUEUE_ID, d.recipient, d.verdict, note=why)
+        self.decisions = []
+
+    def _log(self, queue_id: str, recipient: str, verdict: Verdict, note: str = "") -> None:
+        log.info(
+            "%s: conn=%s client=%s helo=%s from=<%s> rcpt=<%s> domain=%s action=%s "
+            "reason=%s%s detail=%s",
+            printable(queue_id, 32), self.conn_id, printable(self.client_raw, 64),
+            printable(self.helo, 80), printable(self.sender.strip("<>"), 120),
+            printable(recipient.strip("<>"), 120), printable(verdict.domain, 80),
+            verdict.action, verdict.reason, f" note={note}" if note else "",
+            printable(verdict.detail, 400),
+        )
+
+
+def serve(guard: Guard) -> None:
+    """Run the milter until libmilter stops (SIGTERM, SIGINT or SIGHUP)."""
+    socket_spec = guard.config.milter.socket
+    kind, _, path = socket_spec.partition(":")
+    if kind in ("unix", "local"):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    # The MTA's group must reach a Unix socket; nobody else.
+    os.umask(0o007)
+    Milter.factory = lambda: GuardMilter(guard)
+    Milter.set_exception_policy(Milter.CONTINUE)
+    log.info("milter listening on %s", socket_spec)
+    Milter.runmilter(MILTER_NAME, socket_spec, int(guard.config.milter.timeout))

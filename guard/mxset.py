@@ -1,0 +1,90 @@
+"""MX sets: a domain's MX hosts with their preferences and addresses.
+
+Pure values and the rank arithmetic of RFC 5321 section 5.1: a client tries MX hosts in
+order of preference and randomises among equal preferences, so only hosts with a
+preference number strictly lower than ours can be bypassed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from guard.health import Target
+
+SMTP_PORT = 25
+
+
+def normalize_host(name: str) -> str:
+    return name.strip().rstrip(".").lower()
+
+
+@dataclass(frozen=True)
+class MxHost:
+    host: str
+    preference: int
+    addresses: tuple[str, ...] = ()
+    port: int = SMTP_PORT
+
+    def targets(self, family: int | None = None) -> tuple[Target, ...]:
+        """The host's targets, optionally only those of IP version ``family`` (4 or 6)."""
+        return tuple(
+            Target(a, self.port)
+            for a in self.addresses
+            if family is None or ipaddress.ip_address(a).version == family
+        )
+
+
+class MxSource(StrEnum):
+    CONFIG = "config"
+    DNS = "dns"
+    IMPLICIT = "implicit"  # no MX records: the domain itself is the MX (RFC 5321 5.1)
+    NULL = "null"  # RFC 7505 null MX: the domain accepts no mail
+
+
+@dataclass(frozen=True)
+class MxSet:
+    domain: str
+    hosts: tuple[MxHost, ...]
+    source: MxSource = MxSource.CONFIG
+    fetched_at: float = 0.0
+    expires_at: float = float("inf")
+
+    def sorted_hosts(self) -> tuple[MxHost, ...]:
+        return tuple(sorted(self.hosts, key=lambda h: (h.preference, h.host)))
+
+
+@dataclass(frozen=True)
+class SelfIdentity:
+    """How this host appears in MX sets: by name or by address."""
+
+    names: frozenset[str]
+    addresses: frozenset[str]
+
+    @classmethod
+    def of(cls, names: Iterable[str], addresses: Iterable[str]) -> SelfIdentity:
+        return cls(
+            frozenset(normalize_host(n) for n in names),
+            frozenset(str(ipaddress.ip_address(a)) for a in addresses),
+        )
+
+    def is_me(self, host: MxHost) -> bool:
+        if normalize_host(host.host) in self.names:
+            return True
+        return any(str(ipaddress.ip_address(a)) in self.addresses for a in host.addresses)
+
+
+def self_preference(mxset: MxSet, me: SelfIdentity) -> int | None:
+    """Our best (lowest) preference in the set, or None when we are not in it."""
+    mine = [h.preference for h in mxset.hosts if me.is_me(h)]
+    return min(mine) if mine else None
+
+
+def higher_priority_hosts(mxset: MxSet, me: SelfIdentity) -> tuple[MxHost, ...]:
+    """Hosts a compliant client must have tried before us; empty if we are not secondary."""
+    mine = self_preference(mxset, me)
+    if mine is None:
+        return ()
+    return tuple(h for h in mxset.sorted_hosts() if h.preference < mine and not me.is_me(h))

@@ -1,0 +1,207 @@
+"""The decision: did mail for this recipient bypass a healthy primary MX?
+
+``decide()`` is a pure function of plain values (connection facts, recipient domain,
+the domain's MX set, a health snapshot, the config) and returns a ``Verdict``. It does
+no I/O and reads no clock, so the milter, ``mx-guard explain`` and any future front end
+share it, and tests can drive it from tables. This module imports no Milter, redis or
+dns.
+
+Rules, in order (SPEC section 2):
+1. trusted client (network, or authenticated)     -> accept   trusted
+2. domain not guarded / we are not a secondary    -> accept   not-secondary
+3. a higher-priority host down or recently down   -> accept   primary-down
+4. no higher-priority host with fresh health      -> on_unknown  health-unknown
+5. a higher-priority host fully up for the client -> action   bypass
+Health is judged for the client's address family: a host with no address of that
+family could not have been reached by the client, so it never counts as up.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+
+from guard.config import Action, Config
+from guard.health import AggregationRules, HealthSnapshot, State, TargetHealth
+from guard.mxset import MxHost, MxSet, MxSource, higher_priority_hosts, self_preference
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class Reason(StrEnum):
+    TRUSTED = "trusted"
+    NOT_SECONDARY = "not-secondary"
+    PRIMARY_DOWN = "primary-down"
+    HEALTH_UNKNOWN = "health-unknown"
+    MX_UNKNOWN = "mx-unknown"
+    UNREACHABLE = "unreachable"  # no higher-priority host has an address of C's family
+    CLIENT_UNKNOWN = "client-unknown"
+    BYPASS = "bypass"
+
+
+@dataclass(frozen=True)
+class Connection:
+    """What the MTA told us about the SMTP client."""
+
+    client: IPAddress | None
+    helo: str = ""
+    authenticated: bool = False
+    connected_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class HostHealth:
+    """One higher-priority host judged for one address family."""
+
+    host: MxHost
+    state: State | None  # None: the host has no address of the client's family
+    since: float | None
+    targets: tuple[TargetHealth, ...]
+
+    def describe(self) -> str:
+        if self.state is None:
+            return f"{self.host.host} ({self.host.preference}) has no address of that family"
+        parts = ", ".join(f"{t.target} {t.state} ({t.detail})" for t in self.targets)
+        return f"{self.host.host} ({self.host.preference}) {self.state}: {parts}"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: Action
+    reason: Reason
+    detail: str
+    domain: str
+    client: str = ""
+    primary: HostHealth | None = None  # the higher-priority host the decision hinged on
+    hosts: tuple[HostHealth, ...] = ()
+
+    @property
+    def adds_header(self) -> bool:
+        return self.action is Action.FLAG
+
+    def header_value(self, node: str) -> str:
+        """The flag header: reason first so filters can match it cheaply."""
+        parts = [str(self.reason), f"domain={self.domain}"]
+        if self.primary is not None:
+            p = self.primary
+            parts.append(f"primary={p.host.host} {p.state} since {iso_time(p.since)}")
+        if self.client:
+            parts.append(f"client={self.client}")
+        parts.append(f"node={node}")
+        return "; ".join(parts)
+
+
+def iso_time(epoch: float | None) -> str:
+    if epoch is None:
+        return "-"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def client_address(text: str | None) -> IPAddress | None:
+    """Parse the client address the MTA gave; IPv4-mapped IPv6 becomes IPv4."""
+    if not text:
+        return None
+    text = text.strip().removeprefix("[").removesuffix("]").removeprefix("IPv6:")
+    try:
+        addr = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def recipient_domain(recipient: str) -> str | None:
+    """The domain of an envelope recipient (``<user@Example.ORG>`` -> ``example.org``)."""
+    addr = recipient.strip().removeprefix("<").removesuffix(">")
+    if ":" in addr and addr.startswith("@"):
+        addr = addr.split(":", 1)[1]  # RFC 5321 source route: @relay:user@domain
+    local, at, domain = addr.rpartition("@")
+    if not at or not local:
+        return None
+    domain = domain.strip().rstrip(".").lower()
+    return domain or None
+
+
+def is_trusted(conn: Connection, config: Config) -> bool:
+    if conn.authenticated and config.policy.trust_authenticated:
+        return True
+    if conn.client is None:
+        return False
+    return any(conn.client in net for net in config.policy.trusted_networks)
+
+
+def judge_host(
+    host: MxHost, family: int, snapshot: HealthSnapshot, now: float, rules: AggregationRules
+) -> HostHealth:
+    targets = tuple(snapshot.health(t, now, rules) for t in host.targets(family))
+    if not targets:
+        return HostHealth(host, None, None, ())
+    states = [t.state for t in targets]
+    if State.DOWN in states:
+        # Any dead address: a client that picked it may legitimately have moved on to us.
+        since = max(t.since or 0.0 for t in targets if t.state is State.DOWN)
+        return HostHealth(host, State.DOWN, since, targets)
+    if all(s is State.UP for s in states):
+        since = max(t.since or 0.0 for t in targets)
+        return HostHealth(host, State.UP, since, targets)
+    return HostHealth(host, State.UNKNOWN, None, targets)
+
+
+def _soft(config: Config) -> Action:
+    """The action for an accepted-but-noteworthy verdict (flag_all adds the header)."""
+    return Action.FLAG if config.policy.flag_all else Action.ACCEPT
+
+
+def decide(
+    conn: Connection,
+    domain: str,
+    mxset: MxSet | None,
+    snapshot: HealthSnapshot,
+    config: Config,
+) -> Verdict:
+    client = str(conn.client) if conn.client is not None else ""
+
+    def verdict(action: Action, reason: Reason, detail: str, **kw: object) -> Verdict:
+        return Verdict(action, reason, detail, domain, client, **kw)  # type: ignore[arg-type]
+
+    if is_trusted(conn, config):
+        why = "authenticated" if conn.authenticated and config.policy.trust_authenticated \
+            else "client in trusted_networks"
+        return verdict(Action.ACCEPT, Reason.TRUSTED, why)
+    dom = config.domain(domain)
+    if dom is None:
+        return verdict(Action.ACCEPT, Reason.NOT_SECONDARY, "domain not configured")
+    if mxset is None:
+        return verdict(config.policy.on_unknown, Reason.MX_UNKNOWN, "MX set not known yet")
+    if mxset.source is MxSource.NULL:
+        return verdict(Action.ACCEPT, Reason.NOT_SECONDARY, "domain has a null MX")
+    me = config.me.identity
+    if self_preference(mxset, me) is None:
+        return verdict(Action.ACCEPT, Reason.NOT_SECONDARY, "this host is not in the MX set")
+    higher = higher_priority_hosts(mxset, me)
+    if not higher:
+        return verdict(Action.ACCEPT, Reason.NOT_SECONDARY, "this host is a primary MX")
+    if conn.client is None:
+        # Without an address we cannot tell the family nor whom to blame: let it pass.
+        return verdict(Action.ACCEPT, Reason.CLIENT_UNKNOWN, "MTA sent no client address")
+
+    rules = AggregationRules(
+        config.policy.down_grace, config.policy.stale_after, config.probe.quorum
+    )
+    family = conn.client.version
+    judged = tuple(judge_host(h, family, snapshot, conn.connected_at, rules) for h in higher)
+    detail = "; ".join(h.describe() for h in judged)
+
+    down = [h for h in judged if h.state is State.DOWN]
+    if down:
+        return verdict(_soft(config), Reason.PRIMARY_DOWN, detail, primary=down[0], hosts=judged)
+    up = [h for h in judged if h.state is State.UP]
+    if up:
+        return verdict(config.action_for(dom), Reason.BYPASS, detail, primary=up[0], hosts=judged)
+    if all(h.state is None for h in judged):
+        return verdict(_soft(config), Reason.UNREACHABLE,
+                       f"no higher-priority host has an IPv{family} address", hosts=judged)
+    return verdict(config.policy.on_unknown, Reason.HEALTH_UNKNOWN, detail, hosts=judged)

@@ -1,0 +1,245 @@
+"""The prober: this node's own view of every target, with hysteresis.
+
+Every target gets its own asyncio task on one event loop in one thread; a semaphore
+bounds how many probes run at once, so thousands of targets are probed concurrently
+and a target that never answers costs one timeout, not a stuck prober.
+
+Per target, ``Hysteresis`` turns probe results into a state: ``rise`` successes in a
+row to go up, ``fall`` failures in a row to go down (HAProxy's inter/rise/fall). A
+failed probe always moves ``last_fail``, whatever the state, because ``down_grace`` is
+measured against it. Probes repeat every ``interval`` while up and every
+``down_interval`` otherwise.
+
+Observations leave through the ``Publisher``, a thread that coalesces them and writes
+them to the store in one call, so a slow or dead store never stalls probing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from guard.config import Config
+from guard.episodes import FaultEpisode
+from guard.health import Observation, State, Target, Transition
+from guard.probes import ProbeResult, probe
+from guard.store.base import Store, StoreError
+
+log = logging.getLogger("guard.prober")
+
+RECONCILE_EVERY = 1.0  # seconds between checks for targets added or removed
+JITTER = 0.1  # fraction of an interval, so probes of many targets do not march in step
+PENDING_TRANSITIONS_MAX = 1000
+
+
+@dataclass
+class Hysteresis:
+    """One node's state machine for one target."""
+
+    target: Target
+    rise: int
+    fall: int
+    state: State = State.UNKNOWN
+    since: float = 0.0
+    successes: int = 0
+    failures: int = 0
+    last_ok: float | None = None
+    last_fail: float | None = None
+    detail: str = "not probed yet"
+
+    def record(self, result: ProbeResult, now: float) -> Transition | None:
+        self.detail = f"{result.result}: {result.detail}" if not result.ok else result.detail
+        if result.ok:
+            self.last_ok = now
+            self.successes, self.failures = self.successes + 1, 0
+            new = State.UP if self.successes >= self.rise else self.state
+        else:
+            self.last_fail = now
+            self.failures, self.successes = self.failures + 1, 0
+            new = State.DOWN if self.failures >= self.fall else self.state
+        if new is self.state:
+            return None
+        old, self.state, self.since = self.state, new, now
+        return Transition(self.target, "", old, new, now, self.detail)
+
+    def observation(self, node: str, now: float) -> Observation:
+        return Observation(
+            self.target, node, self.state, self.since or now, now,
+            self.last_ok, self.last_fail, self.detail,
+        )
+
+    def delay(self, interval: float, down_interval: float) -> float:
+        base = interval if self.state is State.UP else down_interval
+        return base * (1.0 + random.uniform(-JITTER, JITTER))
+
+
+@dataclass
+class _Outbox:
+    observations: dict[Target, Observation] = field(default_factory=dict)
+    transitions: collections.deque[Transition] = field(
+        default_factory=lambda: collections.deque(maxlen=PENDING_TRANSITIONS_MAX)
+    )
+
+
+class Publisher:
+    """Writes this node's observations to the store from its own thread."""
+
+    def __init__(self, store: Store, retry_after: float = 1.0) -> None:
+        self._store = store
+        self._retry_after = retry_after
+        self._outbox = _Outbox()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._episode = FaultEpisode(f"store {store.description} (publishing)", log)
+        self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout=5)
+
+    def offer(self, obs: Observation, transition: Transition | None) -> None:
+        with self._cond:
+            self._outbox.observations[obs.target] = obs
+            if transition is not None:
+                self._outbox.transitions.append(transition)
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(
+                    lambda: self._stopping or bool(self._outbox.observations), timeout=1.0
+                )
+                if self._stopping:
+                    return
+                batch, self._outbox = self._outbox, _Outbox()
+            if not batch.observations and not batch.transitions:
+                continue
+            try:
+                self._store.publish(list(batch.observations.values()), list(batch.transitions))
+                self._episode.succeeded()
+            except StoreError as e:
+                self._episode.failed(e)
+                self._requeue(batch)
+                with self._cond:
+                    self._cond.wait_for(lambda: self._stopping, timeout=self._retry_after)
+
+    def _requeue(self, batch: _Outbox) -> None:
+        with self._cond:
+            for target, obs in batch.observations.items():
+                newer = self._outbox.observations.get(target)
+                if newer is None or newer.observed_at < obs.observed_at:
+                    self._outbox.observations[target] = obs
+            pending = self._outbox.transitions
+            self._outbox.transitions = batch.transitions
+            self._outbox.transitions.extend(pending)
+
+
+class Prober:
+    """Probes every target that ``targets()`` names, for as long as it names it."""
+
+    def __init__(
+        self,
+        config: Config,
+        targets: Callable[[], Iterable[Target]],
+        publisher: Publisher | None,
+        on_transition: Callable[[Transition], None] = lambda t: None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._targets = targets
+        self._publisher = publisher
+        self._on_transition = on_transition
+        self._clock = clock
+        self._trackers: dict[Target, Hysteresis] = {}
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="prober", daemon=True)
+
+    # -- the rest of the process reads these ------------------------------------------
+
+    def own_observations(self) -> list[Observation]:
+        now = self._clock()
+        node = self._config.me.node
+        with self._lock:
+            return [t.observation(node, now) for t in self._trackers.values() if t.last_ok
+                    or t.last_fail]
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=10)
+
+    # -- the event loop ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        limit = asyncio.Semaphore(self._config.probe.concurrency)
+        tasks: dict[Target, asyncio.Task[None]] = {}
+        try:
+            while not self._stop.is_set():
+                wanted = set(self._targets())
+                for target in wanted - tasks.keys():
+                    tasks[target] = asyncio.create_task(self._watch(target, limit))
+                for target in tasks.keys() - wanted:
+                    tasks.pop(target).cancel()
+                    with self._lock:
+                        self._trackers.pop(target, None)
+                    log.info("stopped probing %s (no longer a higher-priority MX)", target)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), RECONCILE_EVERY)
+        finally:
+            for task in tasks.values():
+                task.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+
+    async def probe_once(self, target: Target) -> ProbeResult:
+        p = self._config.probe
+        return await probe(target, p.mode, p.timeout, self._config.probe_helo)
+
+    async def _watch(self, target: Target, limit: asyncio.Semaphore) -> None:
+        p = self._config.probe
+        tracker = Hysteresis(target, p.rise, p.fall)
+        with self._lock:
+            self._trackers[target] = tracker
+        log.info("probing %s (%s mode, every %gs, timeout %gs)", target, p.mode, p.interval,
+                 p.timeout)
+        while True:
+            async with limit:
+                result = await self.probe_once(target)
+            now = self._clock()
+            with self._lock:
+                transition = tracker.record(result, now)
+                obs = tracker.observation(self._config.me.node, now)
+            log.debug("probe %s: %s %s (%.0f ms)", target, result.result, result.detail,
+                      result.elapsed * 1000)
+            if transition is not None:
+                transition = Transition(target, obs.node, transition.old, transition.new,
+                                        now, transition.detail)
+                log.info("target %s is %s (was %s): %s", target, transition.new,
+                         transition.old, transition.detail)
+            if self._publisher is not None:
+                self._publisher.offer(obs, transition)
+            if transition is not None:
+                self._on_transition(transition)
+            await asyncio.sleep(tracker.delay(p.interval, p.down_interval))

@@ -1,0 +1,93 @@
+"""The snapshot refresher: keeps an immutable health snapshot for the hot path.
+
+Milter callbacks never talk to the store for health: they read ``Refresher.snapshot``,
+a ``HealthSnapshot`` replaced whole (an atomic reference swap). The refresher reads
+the store once per cycle (one round trip) and at once when the store signals a
+change, then lays this node's own fresh observations over it.
+
+While the store is unreachable it keeps the last shared snapshot, still merged with
+the node's own observations, so a secondary degrades to standalone instead of going
+blind; what is older than ``stale_after`` is dropped, and with nothing fresh left the
+health is ``unknown``. The fault is logged once per episode.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from guard.episodes import FaultEpisode
+from guard.health import HealthSnapshot, Observation
+from guard.store.base import Store, StoreError
+
+log = logging.getLogger("guard.refresher")
+
+
+class Refresher:
+    def __init__(
+        self,
+        store: Store,
+        own: Callable[[], list[Observation]],
+        interval: float,
+        stale_after: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._own = own
+        self._interval = interval
+        self._stale_after = stale_after
+        self._clock = clock
+        self._shared = HealthSnapshot()
+        self.snapshot = HealthSnapshot()
+        self._episode = FaultEpisode(f"store {store.description} (reading health)", log)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="refresher", daemon=True)
+
+    @property
+    def degraded(self) -> bool:
+        return self._episode.ongoing
+
+    def refresh_once(self) -> HealthSnapshot:
+        now = self._clock()
+        try:
+            self._shared = HealthSnapshot.build(self._store.observations(), now, "store")
+            self._episode.succeeded()
+            source = "store"
+        except StoreError as e:
+            self._episode.failed(e)
+            source = "degraded"
+        fresh = [
+            o
+            for obs in self._shared.observations.values()
+            for o in obs
+            if o.is_fresh(now, self._stale_after)
+        ]
+        own = [o for o in self._own() if o.is_fresh(now, self._stale_after)]
+        self.snapshot = HealthSnapshot.build(fresh, now, source).merged(own, now, source)
+        return self.snapshot
+
+    def start(self) -> None:
+        self.refresh_once()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            self._store.wait_for_change(self._interval)
+            if self._stopping.is_set():
+                return
+            # A store that answers "changed" in a loop must not spin us.
+            spent = time.monotonic() - started
+            if spent < 0.05:
+                self._stopping.wait(0.05 - spent)
+            try:
+                self.refresh_once()
+            except Exception:  # a bug here must not leave the snapshot frozen forever
+                log.exception("refreshing the health snapshot failed")
+                self._stopping.wait(self._interval)

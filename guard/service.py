@@ -1,0 +1,70 @@
+"""The running guard: wires discovery, store, prober and refresher together.
+
+``Guard`` owns the background threads and exposes what the milter needs on the hot
+path: ``decide()``, which reads only in-memory state (the MX directory and the health
+snapshot) and therefore never waits on the store or DNS.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from guard.config import Config
+from guard.discovery import MxDirectory, directory_for
+from guard.health import HealthSnapshot
+from guard.policy import Connection, Verdict, decide
+from guard.prober import Prober, Publisher
+from guard.refresher import Refresher
+from guard.store import Store, open_store
+
+log = logging.getLogger("guard.service")
+
+
+class Guard:
+    def __init__(
+        self,
+        config: Config,
+        store: Store | None = None,
+        directory: MxDirectory | None = None,
+        probing: bool = True,
+    ) -> None:
+        self.config = config
+        self.store = store if store is not None else open_store(config)
+        self.directory = directory if directory is not None else directory_for(config)
+        self.publisher = Publisher(self.store)
+        self.prober = (
+            Prober(config, self.directory.targets, self.publisher) if probing else None
+        )
+        self.refresher = Refresher(
+            self.store,
+            self.prober.own_observations if self.prober else list,
+            config.store.refresh,
+            config.policy.stale_after,
+        )
+
+    @property
+    def snapshot(self) -> HealthSnapshot:
+        return self.refresher.snapshot
+
+    def decide(self, conn: Connection, domain: str) -> Verdict:
+        return decide(conn, domain, self.directory.get(domain), self.snapshot, self.config)
+
+    def start(self) -> None:
+        log.info(
+            "starting node %s: %d domain(s), store %s, probe mode %s",
+            self.config.me.node, len(self.config.domains), self.store.description,
+            self.config.probe.mode,
+        )
+        self.directory.start()
+        self.publisher.start()
+        if self.prober is not None:
+            self.prober.start()
+        self.refresher.start()
+
+    def stop(self) -> None:
+        if self.prober is not None:
+            self.prober.stop()
+        self.publisher.stop()
+        self.refresher.stop()
+        self.directory.stop()
+        self.store.close()

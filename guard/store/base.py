@@ -1,0 +1,49 @@
+"""The store interface: where nodes share their observations of targets.
+
+A store keeps, per (target, node), that node's newest observation with a TTL; a bounded
+history of transitions; and a change notice that wakes the refresher. Implementations:
+``memory://`` (one host, no Redis) and Redis. Every call is bounded by the store's
+timeout and raises ``StoreError`` on any fault, so callers decide how to degrade.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from guard.health import Observation, Transition
+
+HISTORY_MAX = 1000  # transitions kept; enough for a day of a flapping primary per node
+
+
+class StoreError(Exception):
+    """The shared store failed or did not answer in time (transient: try again later)."""
+
+
+class Store(Protocol):
+    """What the prober, the refresher and the CLI need from shared state."""
+
+    @property
+    def description(self) -> str:
+        """Where the store is, safe to log (no password)."""
+        ...
+
+    def publish(
+        self, observations: Sequence[Observation], transitions: Sequence[Transition]
+    ) -> None:
+        """Write this node's observations and append transitions, in one round trip."""
+        ...
+
+    def observations(self) -> list[Observation]:
+        """Every node's unexpired observation of every target, in one round trip."""
+        ...
+
+    def history(self, limit: int = 50) -> list[Transition]:
+        """The newest transitions, oldest first."""
+        ...
+
+    def wait_for_change(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds for a change notice; True if one came."""
+        ...
+
+    def close(self) -> None: ...
