@@ -361,7 +361,7 @@ def _read_section(cls: type[T], table: Any, where: str) -> T:
         spec = known.get(key)
         if spec is None:
             raise ConfigError(
-                f"{where}: unknown key {key!r} (known keys: {', '.join(sorted(known))})"
+                f"{where} {key}: unknown key (known keys: {', '.join(sorted(known))})"
             )
         try:
             values[key] = spec.metadata["parse"](raw)
@@ -448,6 +448,14 @@ def parse_config(data: Mapping[str, Any], path: str = "<string>") -> Config:
         _read_domain(d, f"{path}: [[domain]] #{i + 1}", me.identity)
         for i, d in enumerate(raw_domains)
     )
+    probe = sections.get("probe", ProbeConfig())
+    policy = sections.get("policy", PolicyConfig())
+    if policy.stale_after <= probe.interval + probe.timeout:
+        raise ConfigError(
+            f"{path}: [policy] stale_after ({policy.stale_after:g}s) must be longer than "
+            f"[probe] interval + timeout ({probe.interval + probe.timeout:g}s), or every "
+            "observation would be stale before the next one arrives"
+        )
     seen: set[str] = set()
     for d in domains:
         if d.name in seen:

@@ -106,8 +106,10 @@ class GuardMilter(Milter.Base):  # type: ignore[misc]
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
         self.connected_at = time.time()
         self.hostname = hostname
-        if family in (socket.AF_INET, socket.AF_INET6) and isinstance(hostaddr, tuple):
-            self.client_raw = str(hostaddr[0])
+        # libmilter gives (address, port, ...) for TCP clients; Unix-socket and
+        # unknown clients carry no address, and then {client_addr} is all we have.
+        if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
+            self.client_raw = str(hostaddr[0] if isinstance(hostaddr, tuple) else hostaddr)
         else:
             self.client_raw = self.getsymval("{client_addr}")
         return CONTINUE

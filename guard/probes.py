@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -122,7 +123,8 @@ async def probe(target: Target, mode: ProbeMode, timeout: float, helo: str) -> P
         return result(e.result, str(e))
     except OSError as e:
         cls = _classify_os_error(e)
-        return result(cls, e.strerror or cls.value)
+        # asyncio words refusals as "Connect call failed (...)"; the errno says it plainer.
+        return result(cls, os.strerror(e.errno) if e.errno else str(e) or cls.value)
     finally:
         if writer is not None:
             writer.close()

@@ -1,0 +1,131 @@
+"""Probes over real sockets against a fake primary, and the prober's schedule."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from guard.config import Config, ProbeMode, parse_config
+from guard.health import AggregationRules, State, Target
+from guard.probes import ProbeClass, probe
+from guard.prober import Prober, Publisher
+from guard.refresher import Refresher
+from guard.store.memory import MemoryStore
+from tests.fakeprimary import Behaviour, FakePrimary, free_port
+
+
+RULES = AggregationRules(down_grace=0.01, stale_after=5.0, quorum=1)
+
+
+def run_probe(target: Target, mode: ProbeMode, timeout: float = 1.0) -> ProbeClass:
+    return asyncio.run(probe(target, mode, timeout, "mx2.test")).result
+
+
+@pytest.mark.parametrize(("behaviour", "mode", "want"), [
+    (Behaviour.GREET, ProbeMode.TCP, ProbeClass.OK),
+    (Behaviour.GREET, ProbeMode.BANNER, ProbeClass.OK),
+    (Behaviour.GREET, ProbeMode.EHLO, ProbeClass.OK),
+    (Behaviour.BUSY, ProbeMode.TCP, ProbeClass.OK),
+    (Behaviour.BUSY, ProbeMode.BANNER, ProbeClass.BAD_GREETING),
+    (Behaviour.BUSY, ProbeMode.EHLO, ProbeClass.BAD_GREETING),
+    (Behaviour.SILENT, ProbeMode.BANNER, ProbeClass.TIMEOUT),
+    (Behaviour.HANGUP, ProbeMode.BANNER, ProbeClass.CLOSED),
+])
+def test_probe_classes(behaviour: Behaviour, mode: ProbeMode, want: ProbeClass) -> None:
+    with FakePrimary(behaviour=behaviour) as mx1:
+        assert run_probe(Target(mx1.host, mx1.port), mode, timeout=0.5) is want
+
+
+def test_probe_refused_and_ipv6() -> None:
+    assert run_probe(Target("127.0.0.1", free_port()), ProbeMode.BANNER) is ProbeClass.REFUSED
+    with FakePrimary(host="::1") as mx1:
+        assert run_probe(Target("::1", mx1.port), ProbeMode.EHLO) is ProbeClass.OK
+
+
+def test_silent_primary_costs_one_timeout() -> None:
+    with FakePrimary(behaviour=Behaviour.SILENT) as mx1:
+        started = time.monotonic()
+        run_probe(Target(mx1.host, mx1.port), ProbeMode.BANNER, timeout=0.3)
+        assert time.monotonic() - started < 1.0
+
+
+def fast_config(targets: int = 1, **probe: object) -> Config:
+    return parse_config({
+        "self": {"node": "mx2", "names": ["mx2.test"]},
+        "probe": {"interval": "100ms", "down_interval": "100ms", "timeout": "500ms",
+                  "rise": 2, "fall": 2, **probe},
+        "policy": {"stale_after": "5s"},
+    })
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+@pytest.fixture
+def memory_store() -> Iterator[MemoryStore]:
+    store = MemoryStore(observation_ttl=10)
+    yield store
+    store.close()
+
+
+def test_prober_follows_the_primary_through_the_store(memory_store: MemoryStore) -> None:
+    config = fast_config()
+    mx1 = FakePrimary().start()
+    target = Target(mx1.host, mx1.port)
+    publisher = Publisher(memory_store)
+    prober = Prober(config, lambda: [target], publisher)
+    refresher = Refresher(memory_store, prober.own_observations, 0.1, 5.0)
+
+    def state() -> State:
+        return refresher.snapshot.health(target, time.time(), RULES).state
+
+    publisher.start()
+    prober.start()
+    refresher.start()
+    try:
+        assert wait_for(lambda: state() is State.UP)
+        mx1.stop()
+        assert wait_for(lambda: state() is State.DOWN)
+        transitions = [(t.old, t.new) for t in memory_store.history()]
+        assert transitions == [(State.UNKNOWN, State.UP), (State.UP, State.DOWN)]
+        down = [o for o in memory_store.observations() if o.target == target][0]
+        assert down.node == "mx2" and down.last_fail is not None
+        assert down.detail.startswith("refused")
+    finally:
+        refresher.stop()
+        prober.stop()
+        publisher.stop()
+        mx1.stop()
+
+
+def test_thousands_of_silent_targets_are_probed_concurrently() -> None:
+    """300 targets that accept and never greet: with a bound of 256 the first round
+    takes two timeouts, not 300."""
+    listeners = []
+    for _ in range(300):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen(4)  # the kernel completes the handshake; nobody ever greets
+        listeners.append(s)
+    targets = [Target("127.0.0.1", s.getsockname()[1]) for s in listeners]
+    config = fast_config(timeout="300ms", concurrency=256)
+    prober = Prober(config, lambda: targets, None)
+    prober.start()
+    try:
+        assert wait_for(lambda: len(prober.own_observations()) == len(targets), timeout=10)
+        details = {o.detail for o in prober.own_observations()}
+        assert all(d.startswith("timeout") for d in details), details
+    finally:
+        prober.stop()
+        for s in listeners:
+            s.close()
