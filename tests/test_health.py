@@ -14,8 +14,8 @@ from guard.health import (
     Target,
     aggregate,
 )
-from guard.probes import ProbeClass, ProbeResult
 from guard.prober import Hysteresis
+from guard.probes import ProbeClass, ProbeResult
 
 NOW = 1_800_000_000.0
 T = Target("192.0.2.1", 25)

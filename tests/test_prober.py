@@ -11,12 +11,11 @@ import pytest
 
 from guard.config import Config, ProbeMode, parse_config
 from guard.health import AggregationRules, State, Target
-from guard.probes import ProbeClass, probe
 from guard.prober import Prober, Publisher
+from guard.probes import ProbeClass, probe
 from guard.refresher import Refresher
 from guard.store.memory import MemoryStore
 from tests.fakeprimary import Behaviour, FakePrimary, free_port
-
 
 RULES = AggregationRules(down_grace=0.01, stale_after=5.0, quorum=1)
 
@@ -98,7 +97,7 @@ def test_prober_follows_the_primary_through_the_store(memory_store: MemoryStore)
         assert wait_for(lambda: state() is State.DOWN)
         transitions = [(t.old, t.new) for t in memory_store.history()]
         assert transitions == [(State.UNKNOWN, State.UP), (State.UP, State.DOWN)]
-        down = [o for o in memory_store.observations() if o.target == target][0]
+        [down] = [o for o in memory_store.observations() if o.target == target]
         assert down.node == "mx2" and down.last_fail is not None
         assert down.detail.startswith("refused")
     finally:
