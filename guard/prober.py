@@ -236,10 +236,10 @@ class Prober:
             if transition is not None:
                 transition = Transition(target, obs.node, transition.old, transition.new,
                                         now, transition.detail)
-                log.info("target %s is %s (was %s): %s", target, transition.new,
-                         transition.old, transition.detail)
             if self._publisher is not None:
                 self._publisher.offer(obs, transition)
             if transition is not None:
                 self._on_transition(transition)
+                log.info("target %s is %s (was %s): %s", target, transition.new,
+                         transition.old, transition.detail)
             await asyncio.sleep(tracker.delay(p.interval, p.down_interval))

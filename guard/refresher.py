@@ -42,6 +42,7 @@ class Refresher:
         self._shared = HealthSnapshot()
         self.snapshot = HealthSnapshot()
         self._episode = FaultEpisode(f"store {store.description} (reading health)", log)
+        self._swap = threading.Lock()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="refresher", daemon=True)
 
@@ -64,9 +65,21 @@ class Refresher:
             for o in obs
             if o.is_fresh(now, self._stale_after)
         ]
-        own = [o for o in self._own() if o.is_fresh(now, self._stale_after)]
-        self.snapshot = HealthSnapshot.build(fresh, now, source).merged(own, now, source)
-        return self.snapshot
+        # Under the lock, so a concurrent lay_own() is never overwritten by older state.
+        with self._swap:
+            own = [o for o in self._own() if o.is_fresh(now, self._stale_after)]
+            self.snapshot = HealthSnapshot.build(fresh, now, source).merged(own, now, source)
+            return self.snapshot
+
+    def lay_own(self) -> None:
+        """Lay this node's newest observations over the snapshot now, without the store.
+
+        Called on this node's own transitions, so a change it saw itself applies to the
+        very next decision instead of after the next refresh.
+        """
+        with self._swap:
+            now = self._clock()
+            self.snapshot = self.snapshot.merged(self._own(), now, self.snapshot.source)
 
     def start(self) -> None:
         self.refresh_once()

@@ -33,7 +33,9 @@ class Guard:
         self.directory = directory if directory is not None else directory_for(config)
         self.publisher = Publisher(self.store)
         self.prober = (
-            Prober(config, self.directory.targets, self.publisher) if probing else None
+            Prober(config, self.directory.targets, self.publisher,
+                   on_transition=lambda _: self.refresher.lay_own())
+            if probing else None
         )
         self.refresher = Refresher(
             self.store,

@@ -95,6 +95,9 @@ def test_prober_follows_the_primary_through_the_store(memory_store: MemoryStore)
         assert wait_for(lambda: state() is State.UP)
         mx1.stop()
         assert wait_for(lambda: state() is State.DOWN)
+        # The snapshot lays the prober's own view over the store's; the publisher
+        # writes the transition from its own thread, a moment later.
+        assert wait_for(lambda: len(memory_store.history()) == 2)
         transitions = [(t.old, t.new) for t in memory_store.history()]
         assert transitions == [(State.UNKNOWN, State.UP), (State.UP, State.DOWN)]
         [down] = [o for o in memory_store.observations() if o.target == target]

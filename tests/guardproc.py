@@ -1,0 +1,120 @@
+"""``mx-guard run`` as a real process for the tests, with its log to read.
+
+Tests start the guard exactly as an administrator would (``python -m guard run -c``),
+wait for lines in its log (a target going up, the milter listening), and stop it with
+SIGTERM as systemd would.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class GuardProcess:
+    def __init__(self, config_text: str, workdir: Path, name: str = "guard") -> None:
+        self.config = workdir / f"{name}.toml"
+        self.config.write_text(config_text)
+        self.logfile = workdir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *extra: str) -> GuardProcess:
+        log = self.logfile.open("ab")
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "guard", "run", "-c", str(self.config), *extra],
+            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+        )
+        log.close()
+        return self
+
+    def log(self) -> str:
+        return self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
+
+    def wait_for_log(self, pattern: str, timeout: float = 15.0, after: int = 0) -> re.Match[str]:
+        """Wait until ``pattern`` appears in the log past character ``after``."""
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        while time.monotonic() < deadline:
+            found = regex.search(self.log(), after)
+            if found:
+                return found
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"mx-guard exited ({self.proc.returncode}):\n{self.log()}")
+            time.sleep(0.05)
+        raise AssertionError(f"no {pattern!r} in the guard's log within {timeout}s:\n"
+                             f"{self.log()[-4000:]}")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # in case a test froze it
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def __enter__(self) -> GuardProcess:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def guard_toml(socket: str, primary_port: int, extra: str = "", node: str = "mx2",
+               store: str = "memory://", primary: str = "127.0.0.1") -> str:
+    """A config guarding example.org (tempfail) and flagged.example (flag), whose
+    primary mx1 is ``primary``:``primary_port``; fast probes so tests run quickly.
+    Clients from 127.0.0.1 are trusted; tests send from other loopback addresses."""
+    return f"""
+[milter]
+socket = "{socket}"
+[self]
+node = "{node}"
+names = ["mx2.example.org"]
+[store]
+url = "{store}"
+timeout = "100ms"
+refresh = "200ms"
+[probe]
+mode = "banner"
+interval = "200ms"
+down_interval = "200ms"
+timeout = "1s"
+rise = 2
+fall = 2
+[policy]
+trusted_networks = ["127.0.0.1/32", "::1/128"]
+stale_after = "10s"
+{extra}
+[[domain]]
+name = "example.org"
+mx = [{{ host = "mx1.example.org", preference = 10, addresses = ["{primary}"], port = {primary_port} }},
+      {{ host = "mx2.example.org", preference = 20 }}]
+[[domain]]
+name = "flagged.example"
+action = "flag"
+mx = [{{ host = "mx1.example.org", preference = 10, addresses = ["{primary}"], port = {primary_port} }},
+      {{ host = "mx2.example.org", preference = 20 }}]
+"""
