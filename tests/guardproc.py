@@ -87,6 +87,8 @@ def guard_toml(socket: str, primary_port: int, extra: str = "", node: str = "mx2
     """A config guarding example.org (tempfail) and flagged.example (flag), whose
     primary mx1 is ``primary``:``primary_port``; fast probes so tests run quickly.
     Clients from 127.0.0.1 are trusted; tests send from other loopback addresses."""
+    mx1 = (f'{{ host = "mx1.example.org", preference = 10, addresses = ["{primary}"], '
+           f"port = {primary_port} }}")
     return f"""
 [milter]
 socket = "{socket}"
@@ -110,11 +112,11 @@ stale_after = "10s"
 {extra}
 [[domain]]
 name = "example.org"
-mx = [{{ host = "mx1.example.org", preference = 10, addresses = ["{primary}"], port = {primary_port} }},
+mx = [{mx1},
       {{ host = "mx2.example.org", preference = 20 }}]
 [[domain]]
 name = "flagged.example"
 action = "flag"
-mx = [{{ host = "mx1.example.org", preference = 10, addresses = ["{primary}"], port = {primary_port} }},
+mx = [{mx1},
       {{ host = "mx2.example.org", preference = 20 }}]
 """
