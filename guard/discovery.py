@@ -122,13 +122,18 @@ class MxResolver:
             resolved.append(MxHost(host, pref, addrs))
         return self._mxset(domain, tuple(resolved), MxSource.DNS, ttl, now)
 
-    def complete(self, domain: str, hosts: tuple[MxHost, ...]) -> MxSet:
-        """A configured MX list, with DNS addresses for hosts that were given none."""
+    def complete(
+        self, domain: str, hosts: tuple[MxHost, ...], is_me: Callable[[MxHost], bool]
+    ) -> MxSet:
+        """A configured MX list, with DNS addresses for hosts that were given none.
+
+        Our own entry is left as it is: we never probe ourselves.
+        """
         now = self._clock()
         ttl = self._config.max_ttl
         done = []
         for h in hosts:
-            if h.addresses:
+            if h.addresses or is_me(h):
                 done.append(h)
                 continue
             addrs, host_ttl = self.addresses(h.host)
@@ -207,7 +212,7 @@ class MxDirectory:
         assert domain is not None
         try:
             if domain.mx is not None:
-                return self._resolver.complete(name, domain.mx)
+                return self._resolver.complete(name, domain.mx, self._me.is_me)
             return self._resolver.lookup(name)
         except LookupFailed as e:
             return e
