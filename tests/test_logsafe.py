@@ -1,0 +1,29 @@
+"""Untrusted SMTP strings become one short printable line."""
+
+from __future__ import annotations
+
+import pytest
+
+from guard.logsafe import printable
+
+
+@pytest.mark.parametrize(("raw", "want"), [
+    ("plain@example.org", "plain@example.org"),
+    ("a\r\nFAKE: line", "a\\r\\nFAKE: line"),
+    ("nul\x00", "nul\\0"),
+    ("bell\x07esc\x1b", "bell\\x07esc\\x1b"),
+    (b"bad \xff utf8", "bad \\xff utf8"),
+    ("bad \udcff utf8", "bad \\xff utf8"),
+    ("line\u2028sep", "line\\u2028sep"),
+    ("back\\slash", "back\\\\slash"),
+    ("ünïcode", "ünïcode"),
+    (None, "-"),
+])
+def test_printable(raw: str | bytes | None, want: str) -> None:
+    assert printable(raw) == want
+
+
+def test_long_values_are_cut_and_say_so() -> None:
+    out = printable("x" * 65536)
+    assert out.startswith("x" * 200) and out.endswith("...(+65336 chars)")
+    assert len(out) < 250
