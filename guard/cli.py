@@ -46,10 +46,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from guard.milter import serve  # loads libmilter only for the commands that need it
+    # libmilter is loaded only by the commands that need it.
+    from guard.milter import block_stop_signals, serve
     from guard.service import Guard
 
     config = _load(args)
+    block_stop_signals()
     guard = Guard(config)
     guard.start()
     try:

@@ -4,7 +4,7 @@ Contracts:
 - Every callback catches its own exceptions, logs them and answers CONTINUE: a broken
   guard lets mail through (``Milter.set_exception_policy`` is set to match).
 - Callbacks that only collect data are ``@noreply``; only the macros used are
-  requested (``@symlist``).
+  requested (see ``negotiate``).
 - Nothing here waits on the store or DNS: ``Guard.decide`` reads in-memory state.
 - A recipient is decided at RCPT: tempfail/reject there, per recipient; a flag becomes
   one header at end of message. Incoming headers with our name are always removed.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -51,8 +52,15 @@ def nocallback(func: F) -> F:
     return cast(F, Milter.nocallback(func))
 
 
-def symlist(*macros: str) -> Callable[[F], F]:
-    return cast(Callable[[F], F], Milter.symlist(*macros))
+# The macros each stage needs; nothing else is requested. pymilter 1.0.5's @symlist
+# hands libmilter bytes where it wants str, which fails and silently drops the whole
+# negotiation (no macro lists, no "no reply" steps); negotiate() below asks directly.
+MACROS_WANTED = {
+    Milter.M_CONNECT: "{client_addr}",
+    Milter.M_ENVFROM: "{auth_authen} i",
+    Milter.M_ENVRCPT: "i",
+    Milter.M_EOM: "i",
+}
 
 # Which verdict explains a message best when recipients got different ones.
 _HEADER_PRECEDENCE = [Reason.BYPASS, Reason.HEALTH_UNKNOWN, Reason.MX_UNKNOWN,
@@ -100,9 +108,14 @@ class GuardMilter(Milter.Base):  # type: ignore[misc]
 
     # -- callbacks -----------------------------------------------------------------
 
+    def negotiate(self, opts: list[int]) -> int:
+        if opts[0] & Milter.SETSYMLIST:
+            for stage, macros in MACROS_WANTED.items():
+                self._ctx.setsymlist(stage, macros)
+        return cast(int, super().negotiate(opts))
+
     @noreply
     @fail_open
-    @symlist("{client_addr}")
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
         self.connected_at = time.time()
         self.hostname = hostname
@@ -111,7 +124,7 @@ class GuardMilter(Milter.Base):  # type: ignore[misc]
         if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
             self.client_raw = str(hostaddr[0] if isinstance(hostaddr, tuple) else hostaddr)
         else:
-            self.client_raw = self.getsymval("{client_addr}")
+            self.client_raw = self._macro("{client_addr}")
         return CONTINUE
 
     @noreply
@@ -122,16 +135,14 @@ class GuardMilter(Milter.Base):  # type: ignore[misc]
 
     @noreply
     @fail_open
-    @symlist("{auth_authen}", "i")
     def envfrom(self, sender: str, *params: str) -> int:
         self._flush_pending("transaction reset")
         self._reset()
         self.sender = sender
-        self.authenticated = bool(self.getsymval("{auth_authen}"))
+        self.authenticated = bool(self._macro("{auth_authen}"))
         return CONTINUE
 
     @fail_open
-    @symlist("i")
     def envrcpt(self, recipient: str, *params: str) -> int:
         domain = recipient_domain(recipient)
         if domain is None:
@@ -144,7 +155,7 @@ class GuardMilter(Milter.Base):  # type: ignore[misc]
             template = policy.reply if verdict.action is Action.TEMPFAIL else policy.reject_reply
             reply = template.for_domain(domain)
             self.setreply(reply.code, reply.enhanced, reply.text)
-            self._log(self.getsymval("i") or NO_QUEUE_ID, recipient, verdict)
+            self._log(self._macro("i") or NO_QUEUE_ID, recipient, verdict)
             return TEMPFAIL if verdict.action is Action.TEMPFAIL else REJECT
         self.decisions.append(_Decision(recipient, verdict))
         return CONTINUE
@@ -165,7 +176,6 @@ class GuardMilter(Milter.Base):  # type: ignore[misc]
         return CONTINUE
 
     @fail_open
-    @symlist("i")
     def eom(self) -> int:
         try:
             name = self.guard.config.policy.header
@@ -178,7 +188,7 @@ class GuardMilter(Milter.Base):  # type: ignore[misc]
             flagged = [d.verdict for d in self.decisions if d.verdict.adds_header]
             if flagged:
                 self.addheader(name, self._header_value(flagged))
-            queue_id = self.getsymval("i") or NO_QUEUE_ID
+            queue_id = self._macro("i") or NO_QUEUE_ID
             for d in self.decisions:
                 self._log(queue_id, d.recipient, d.verdict)
         finally:
@@ -197,6 +207,14 @@ class GuardMilter(Milter.Base):  # type: ignore[misc]
         return CONTINUE
 
     # -- helpers ---------------------------------------------------------------------
+
+    def _macro(self, name: str) -> str | None:
+        """A macro's value; pymilter raises on one that is not UTF-8, we escape it."""
+        try:
+            value = self.getsymval(name)
+        except UnicodeDecodeError as e:
+            return printable(e.object, 64)
+        return None if value is None else str(value)
 
     def _header_value(self, flagged: list[Verdict]) -> str:
         flagged.sort(key=lambda v: _HEADER_PRECEDENCE.index(v.reason)
@@ -224,6 +242,19 @@ class GuardMilter(Milter.Base):  # type: ignore[misc]
         )
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
+def block_stop_signals() -> None:
+    """Block the stop signals in this thread and every thread it starts from now on.
+
+    libmilter waits for them in a thread of its own (sigwait); a thread that left them
+    unblocked would take the signal instead and die by its default action, without
+    draining connections. Call before starting any thread.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
 def serve(guard: Guard) -> None:
     """Run the milter until libmilter stops (SIGTERM, SIGINT or SIGHUP)."""
     socket_spec = guard.config.milter.socket
@@ -236,3 +267,4 @@ def serve(guard: Guard) -> None:
     Milter.set_exception_policy(Milter.CONTINUE)
     log.info("milter listening on %s", socket_spec)
     Milter.runmilter(MILTER_NAME, socket_spec, int(guard.config.milter.timeout))
+    log.info("milter stopped")

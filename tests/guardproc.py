@@ -64,7 +64,7 @@ class GuardProcess:
             self.proc.send_signal(signal.SIGCONT)  # in case a test froze it
             self.proc.terminate()
             try:
-                self.proc.wait(10)
+                self.proc.wait(20)  # libmilter notices a stop within 5 s
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
