@@ -1,0 +1,714 @@
+"""SMTP and process helpers for the end-to-end tests (no aiosmtpd needed).
+
+* ``SmtpSink`` - a real SMTP server on 127.0.0.1 (or ::1) that accepts every
+  message and records it (``wait_for_message(rcpt)``); the MTAs' next hop.
+* ``FakePrimaryMX`` - a real SMTP listener that only greets (220) and answers
+  EHLO/HELO/NOOP/RSET/QUIT; tests start/stop it on a given port to simulate a
+  primary MX that is up or down (``connections`` records who probed it).
+* ``send`` / ``smtp_session`` - an smtplib client that can connect *from* any
+  127.x.y.z address (Linux accepts every 127/8 source address on lo), so a test
+  client can look "untrusted" to an MTA whose mynetworks is 127.0.0.1/32;
+  ``send`` returns every reply instead of raising on refused recipients.
+* ``MilterProcess`` - runs a milter script in a subprocess until it listens.
+* ``free_port`` / ``wait_for_port`` / ``wait_for_banner`` / ``wait_until``.
+* ``HarnessError``, ``isolation`` (private namespaces: no DNS leaves the
+  machine), ``SyslogReceiver``, ``make_socket_dir`` for postfix.py/sendmail.py.
+"""
+
+from __future__ import annotations
+
+import email
+import email.message
+import email.policy
+import email.utils
+import os
+import re
+import shutil
+import signal
+import smtplib
+import socket
+import socketserver
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self, TypeVar
+
+T = TypeVar("T")
+Address = tuple[Any, ...]  # a socket address: (host, port) or (host, port, flow, scope)
+
+LOCALHOST = "127.0.0.1"
+CLIENT_HELO = "client.test.example"
+
+
+# --------------------------------------------------------------------------
+# generic helpers
+
+
+def free_port(host: str = LOCALHOST) -> int:
+    """A TCP port that is free on *host* right now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until(predicate: Callable[[], T | None], timeout: float = 10.0,
+               interval: float = 0.05, message: str = "condition") -> T:
+    """Poll *predicate* until it returns a truthy value; return that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {message}")
+        time.sleep(interval)
+
+
+def wait_for_banner(host: str, port: int, timeout: float = 30.0) -> str:
+    """Wait until *host:port* accepts a connection and sends a 220 greeting."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=2) as s:
+                s.settimeout(max(0.5, deadline - time.monotonic()))
+                data = b""
+                while not data.endswith(b"\r\n"):
+                    chunk = s.recv(512)
+                    if not chunk:
+                        break
+                    data += chunk
+                line = data.decode("latin-1").strip()
+                if line.startswith("220"):
+                    try:
+                        s.sendall(b"QUIT\r\n")
+                        s.recv(512)
+                    except OSError:
+                        pass
+                    return line
+                last = line
+        except OSError as exc:
+            last = exc
+        time.sleep(0.1)
+    raise TimeoutError(f"no SMTP greeting on {host}:{port} within {timeout:.0f}s (last: {last!r})")
+
+
+def wait_for_port(host: str, port: int, timeout: float = 30.0) -> None:
+    wait_until(lambda: port_open(host, port), timeout, 0.1, f"{host}:{port} to listen")
+
+
+# --------------------------------------------------------------------------
+# servers
+
+
+@dataclass
+class ReceivedMessage:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+    helo: str
+    peer: Address
+    received_at: float = field(default_factory=time.time)
+
+    @property
+    def message(self) -> email.message.EmailMessage:
+        msg = email.message_from_bytes(self.data, policy=email.policy.default)
+        assert isinstance(msg, email.message.EmailMessage)
+        return msg
+
+    def header(self, name: str) -> str | None:
+        value = self.message.get(name)
+        return None if value is None else str(value)
+
+    def headers(self, name: str) -> list[str]:
+        return [str(v) for v in self.message.get_all(name) or []]
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    server: _Server
+    timeout = 30
+
+    def reply(self, line: str) -> None:
+        self.wfile.write(line.encode("utf-8", "replace") + b"\r\n")
+        self.wfile.flush()
+
+    def handle(self) -> None:
+        owner = self.server.owner
+        owner._note_connection(self.client_address)
+        if owner.greeting_delay:
+            time.sleep(owner.greeting_delay)
+        self.reply(owner.greeting)
+        if not owner.greeting.startswith("220"):
+            return
+        helo, mail_from, rcpts = "", None, []  # type: str, str | None, list[str]
+        while True:
+            raw = self.rfile.readline(65536)
+            if not raw:
+                return
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            verb = line.split(" ", 1)[0].upper()
+            arg = line[len(verb):].strip()
+            owner._note_command(line)
+            if verb == "EHLO":
+                helo = arg
+                lines = [owner.hostname, *owner.ehlo_keywords]
+                for i, text in enumerate(lines):
+                    sep = " " if i == len(lines) - 1 else "-"
+                    self.reply(f"250{sep}{text}")
+            elif verb == "HELO":
+                helo = arg
+                self.reply(f"250 {owner.hostname}")
+            elif verb in ("NOOP", "RSET"):
+                if verb == "RSET":
+                    mail_from, rcpts = None, []
+                self.reply("250 2.0.0 OK")
+            elif verb == "QUIT":
+                self.reply("221 2.0.0 Bye")
+                return
+            elif not owner.accept_mail:
+                self.reply(owner.mail_reply)
+            elif verb == "MAIL":
+                mail_from, rcpts = _path(arg), []
+                self.reply("250 2.1.0 OK")
+            elif verb == "RCPT":
+                if mail_from is None:
+                    self.reply("503 5.5.1 MAIL first")
+                    continue
+                rcpt = _path(arg)
+                code = owner.rcpt_reply(rcpt) if owner.rcpt_reply else None
+                if code:
+                    self.reply(code)
+                else:
+                    rcpts.append(rcpt)
+                    self.reply("250 2.1.5 OK")
+            elif verb == "DATA":
+                if not rcpts:
+                    self.reply("503 5.5.1 RCPT first")
+                    continue
+                self.reply("354 End data with <CR><LF>.<CR><LF>")
+                chunks = []
+                while True:
+                    raw = self.rfile.readline(1 << 20)
+                    if not raw:
+                        return
+                    if raw in (b".\r\n", b".\n"):
+                        break
+                    if raw.startswith(b".."):
+                        raw = raw[1:]
+                    chunks.append(raw)
+                data = b"".join(chunks)
+                owner._store(ReceivedMessage(mail_from or "", list(rcpts), data, helo,
+                                             self.client_address))
+                self.reply("250 2.0.0 Ok: queued")
+                mail_from, rcpts = None, []
+            else:
+                self.reply("502 5.5.2 Command not implemented")
+
+
+def _path(arg: str) -> str:
+    # "FROM:<a@b> SIZE=10" -> "a@b"
+    _, _, rest = arg.partition(":")
+    rest = rest.strip()
+    if rest.startswith("<"):
+        return rest[1:rest.find(">")] if ">" in rest else rest[1:]
+    return rest.split(" ", 1)[0]
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    owner: SmtpServer
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class SmtpServer:
+    """A tiny threaded SMTP server; see SmtpSink and FakePrimaryMX."""
+
+    accept_mail = True
+    mail_reply = "451 4.3.0 Not accepting mail"
+
+    def __init__(self, port: int = 0, host: str = LOCALHOST, *,
+                 hostname: str = "sink.test.example",
+                 greeting: str | None = None,
+                 greeting_delay: float = 0.0,
+                 rcpt_reply: Callable[[str], str | None] | None = None):
+        self.host = host
+        self.port = port
+        self.hostname = hostname
+        self.greeting = greeting or f"220 {hostname} ESMTP test server"
+        self.greeting_delay = greeting_delay
+        self.rcpt_reply = rcpt_reply  # rcpt -> "550 ..." to refuse, None to accept
+        self.ehlo_keywords: list[str] = ["PIPELINING", "8BITMIME", "SIZE 52428800"]
+        self.messages: list[ReceivedMessage] = []
+        self.connections: list[Address] = []   # client addresses, in order
+        self.commands: list[str] = []      # every command line received
+        self._cond = threading.Condition()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle
+    def start(self) -> Self:
+        if self._server is not None:
+            return self
+        cls = _Server6 if ":" in self.host else _Server
+        deadline = time.monotonic() + 5
+        while True:  # the port may be in TIME_WAIT/closing right after a stop()
+            try:
+                server = cls((self.host, self.port), _Handler)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        server.owner = self
+        self._server = server
+        self.port = server.server_address[1]
+        self._thread = threading.Thread(target=server.serve_forever,
+                                        kwargs={"poll_interval": 0.05},
+                                        name=f"smtp-{self.port}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if self._thread:
+            self._thread.join(5)
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- recording
+    def _note_connection(self, peer: Address) -> None:
+        with self._cond:
+            self.connections.append(peer)
+            self._cond.notify_all()
+
+    def _note_command(self, line: str) -> None:
+        with self._cond:
+            self.commands.append(line)
+
+    def _store(self, msg: ReceivedMessage) -> None:
+        with self._cond:
+            self.messages.append(msg)
+            self._cond.notify_all()
+
+    def clear(self) -> None:
+        with self._cond:
+            self.messages.clear()
+            self.connections.clear()
+            self.commands.clear()
+
+    def wait_for_message(self, rcpt: str | None = None, timeout: float = 10.0,
+                         predicate: Callable[[ReceivedMessage], bool] | None = None
+                         ) -> ReceivedMessage:
+        """Wait for a delivered message (for *rcpt*, and/or matching *predicate*)."""
+        def match(m: ReceivedMessage) -> bool:
+            if rcpt is not None and rcpt.lower() not in (r.lower() for r in m.rcpt_tos):
+                return False
+            return predicate(m) if predicate else True
+
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for m in self.messages:
+                    if match(m):
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    got = [(m.mail_from, m.rcpt_tos) for m in self.messages]
+                    raise TimeoutError(f"no message for {rcpt!r} at {self.host}:{self.port} "
+                                       f"within {timeout:.1f}s; received: {got}")
+                self._cond.wait(left)
+
+    def wait_for_connections(self, count: int = 1, timeout: float = 10.0) -> list[Address]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self.connections) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{len(self.connections)} connection(s) to "
+                                       f"{self.host}:{self.port}, wanted {count}")
+                self._cond.wait(left)
+            return list(self.connections)
+
+    def messages_for(self, rcpt: str) -> list[ReceivedMessage]:
+        with self._cond:
+            return [m for m in self.messages if rcpt.lower() in (r.lower() for r in m.rcpt_tos)]
+
+
+class SmtpSink(SmtpServer):
+    """Accepts and records every message (the MTA's next hop)."""
+
+
+class FakePrimaryMX(SmtpServer):
+    """A primary MX stand-in: 220 greeting, answers EHLO/HELO/NOOP/RSET/QUIT.
+
+    MAIL/RCPT/DATA get ``mail_reply`` (451 by default) unless accept_mail=True.
+    start()/stop() may be called repeatedly on the same port.
+    """
+
+    def __init__(self, port: int = 0, host: str = LOCALHOST, *,
+                 accept_mail: bool = False, hostname: str = "mx1.test.example",
+                 **kw: Any):
+        super().__init__(port, host, hostname=hostname, **kw)
+        self.accept_mail = accept_mail
+
+
+# --------------------------------------------------------------------------
+# client
+
+
+@dataclass
+class SendResult:
+    mail: tuple[int, str]                   # (code, text) of MAIL FROM
+    rcpts: dict[str, tuple[int, str]]       # rcpt -> (code, text)
+    data: tuple[int, str] | None = None     # (code, text) after the final dot, if reached
+
+    @property
+    def accepted(self) -> list[str]:
+        return [r for r, (c, _) in self.rcpts.items() if 200 <= c < 300]
+
+    def code(self, rcpt: str) -> int:
+        return self.rcpts[rcpt][0]
+
+
+def smtp_session(host: str, port: int, *, source: str | None = None,
+                 helo: str = CLIENT_HELO, timeout: float = 30.0) -> smtplib.SMTP:
+    """An smtplib.SMTP connected to *host:port* (from *source* address if given)
+    that has already said EHLO."""
+    client = smtplib.SMTP(timeout=timeout, local_hostname=helo,
+                          source_address=(source, 0) if source else None)
+    client.connect(host, port)
+    client.ehlo()
+    return client
+
+
+def make_message(mail_from: str, rcpts: Sequence[str], subject: str = "test",
+                 body: str = "hello\n", headers: dict[str, str] | None = None) -> bytes:
+    msg = email.message.EmailMessage()
+    msg["From"] = mail_from
+    msg["To"] = ", ".join(rcpts)
+    msg["Subject"] = subject
+    msg["Message-ID"] = email.utils.make_msgid(domain="client.test.example")
+    msg["Date"] = email.utils.formatdate(localtime=False)
+    for k, v in (headers or {}).items():
+        msg[k] = v
+    msg.set_content(body)
+    return msg.as_bytes(policy=email.policy.SMTP)
+
+
+def send(host: str, port: int, mail_from: str, rcpts: str | Iterable[str],
+         message: bytes | None = None, *, source: str | None = None,
+         helo: str = CLIENT_HELO, auth: tuple[str, str] | None = None,
+         timeout: float = 30.0) -> SendResult:
+    """Run one SMTP transaction step by step and return every reply.
+
+    Unlike smtplib.sendmail() this never raises on refused recipients: it
+    returns their codes, and only sends DATA if at least one RCPT was accepted.
+    *auth* = (user, password) does AUTH PLAIN first.
+    """
+    rcpts = [rcpts] if isinstance(rcpts, str) else list(rcpts)
+    if message is None:
+        message = make_message(mail_from, rcpts)
+    client = smtp_session(host, port, source=source, helo=helo, timeout=timeout)
+    try:
+        if auth:
+            client.login(*auth)
+        mail = client.mail(mail_from)
+        result = SendResult(mail=(mail[0], _text(mail[1])), rcpts={})
+        if mail[0] >= 400:
+            return result
+        for rcpt in rcpts:
+            code, text = client.rcpt(rcpt)
+            result.rcpts[rcpt] = (code, _text(text))
+        if result.accepted:
+            code, text = client.data(message)
+            result.data = (code, _text(text))
+        else:
+            client.rset()
+        return result
+    finally:
+        try:
+            client.quit()
+        except (smtplib.SMTPException, OSError):
+            client.close()
+
+
+def _text(b: object) -> str:
+    return b.decode("utf-8", "replace") if isinstance(b, bytes) else str(b)
+
+
+
+# --------------------------------------------------------------------------
+# process/harness helpers shared by postfix.py and sendmail.py
+
+INSTALL_HINT = "run `sh tests/e2e/install-mtas.sh` as root"
+
+
+class HarnessError(RuntimeError):
+    """The e2e MTA harness cannot run (missing tool, failed start, ...)."""
+
+
+def require_tool(path: str, what: str = "") -> str:
+    """Return *path* if it is an executable file, else raise HarnessError."""
+    found = path if os.path.isabs(path) else shutil.which(path)
+    if not found or not os.access(found, os.X_OK):
+        raise HarnessError(f"{what or path} not found ({path}): {INSTALL_HINT}")
+    return found
+
+
+def require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise HarnessError(f"{what} must run as root (it starts a real MTA)")
+
+
+def tail(path: str | os.PathLike[str], lines: int = 60) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return f"(no {path})"
+
+
+class SyslogReceiver:
+    """Receives syslog datagrams on a Unix socket and appends them to a file.
+
+    Used for Sendmail, which can only log through syslog(3) to /dev/log: the
+    harness bind-mounts this socket over /dev/log in Sendmail's private mount
+    namespace, so no system syslog daemon is needed or touched.
+    """
+
+    def __init__(self, sock_path: str | os.PathLike[str], log_path: str | os.PathLike[str]):
+        self.sock_path = str(sock_path)
+        self.log_path = str(log_path)
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> SyslogReceiver:
+        if os.path.exists(self.sock_path):
+            os.unlink(self.sock_path)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        s.bind(self.sock_path)
+        os.chmod(self.sock_path, 0o666)
+        s.settimeout(0.2)
+        self._sock = s
+        prio = re.compile(rb"^<\d+>")
+
+        def run() -> None:
+            with open(self.log_path, "ab", buffering=0) as out:
+                while self._sock is not None:
+                    try:
+                        data = s.recv(65536)
+                    except TimeoutError:
+                        continue
+                    except OSError:
+                        return
+                    out.write(prio.sub(b"", data).rstrip(b"\n\0") + b"\n")
+
+        self._thread = threading.Thread(target=run, name="syslog-receiver", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        s, self._sock = self._sock, None
+        if self._thread:
+            self._thread.join(2)
+        if s is not None:
+            s.close()
+
+
+ISOLATE_SH = r"""#!/bin/sh
+# Run "$@" in the private mount (and UTS) namespace created by unshare:
+# private /etc/hosts, /etc/resolv.conf (nameserver 127.0.0.1) and
+# /etc/nsswitch.conf (hosts: files), so the MTA never sends a DNS query
+# off this machine; optionally a hostname and a private /dev with /dev/log.
+set -e
+D="$ISOLATE_DIR"
+for f in hosts resolv.conf nsswitch.conf; do
+    if [ -e "/etc/$f" ]; then mount --bind "$D/$f" "/etc/$f"; fi
+done
+if [ -n "$ISOLATE_HOSTNAME" ]; then hostname "$ISOLATE_HOSTNAME"; fi
+if [ -n "$ISOLATE_LOG_SOCKET" ]; then
+    mkdir -p "$D/hostdev"
+    mount --rbind /dev "$D/hostdev"
+    mount -t tmpfs -o mode=0755 isolatedev /dev
+    for n in null zero full random urandom tty; do
+        if [ -e "$D/hostdev/$n" ]; then touch "/dev/$n"; mount --bind "$D/hostdev/$n" "/dev/$n"; fi
+    done
+    ln -s /proc/self/fd /dev/fd
+    ln -s /proc/self/fd/0 /dev/stdin
+    ln -s /proc/self/fd/1 /dev/stdout
+    ln -s /proc/self/fd/2 /dev/stderr
+    mkdir /dev/shm && chmod 1777 /dev/shm
+    touch /dev/log
+    mount --bind "$ISOLATE_LOG_SOCKET" /dev/log
+fi
+exec "$@"
+"""
+
+
+def isolation(workdir: str | os.PathLike[str], *, hostname: str | None = None,
+              log_socket: str | None = None,
+              hosts: Sequence[str] = ()) -> tuple[list[str], dict[str, str]]:
+    """Prepare files for ISOLATE_SH in *workdir*/isolate and return
+    (argv_prefix, env) that runs a command inside fresh namespaces."""
+    unshare = require_tool("/usr/bin/unshare", "unshare (util-linux)")
+    d = os.path.join(str(workdir), "isolate")
+    os.makedirs(d, exist_ok=True)
+    names = " ".join(n for n in (hostname, hostname.split(".")[0] if hostname else None) if n)
+    with open(os.path.join(d, "hosts"), "w") as f:
+        f.write(f"127.0.0.1\tlocalhost {names}\n::1\tlocalhost ip6-localhost\n")
+        for line in hosts:
+            f.write(line + "\n")
+    with open(os.path.join(d, "resolv.conf"), "w") as f:
+        f.write("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+    with open(os.path.join(d, "nsswitch.conf"), "w") as f:
+        f.write("passwd: files\ngroup: files\nshadow: files\nhosts: files\n"
+                "networks: files\nprotocols: files\nservices: files\n")
+    script = os.path.join(d, "isolate.sh")
+    with open(script, "w") as f:
+        f.write(ISOLATE_SH)
+    os.chmod(script, 0o755)
+    argv = [unshare, "--mount", "--propagation", "private"]
+    if hostname:
+        argv.append("--uts")
+    argv += ["/bin/sh", script]
+    env = dict(os.environ, ISOLATE_DIR=d, ISOLATE_HOSTNAME=hostname or "",
+               ISOLATE_LOG_SOCKET=log_socket or "")
+    return argv, env
+
+
+SOCKET_PARENT = "/run/mxguard-e2e"
+
+
+def make_socket_dir() -> Path:
+    """A fresh, short, 0755 directory for milter sockets, removed by the caller.
+
+    Not below /tmp: Sendmail refuses a milter socket in a directory path that
+    contains a world-writable directory ("unsafe: World writable directory"),
+    even a sticky one.  /run is root-owned 0755, so /run/mxguard-e2e/XXXX is safe;
+    Postfix's smtpd (user postfix) can traverse it.
+    """
+    os.makedirs(SOCKET_PARENT, mode=0o755, exist_ok=True)
+    os.chmod(SOCKET_PARENT, 0o755)
+    d = tempfile.mkdtemp(prefix="s-", dir=SOCKET_PARENT)
+    os.chmod(d, 0o755)
+    return Path(d)
+
+
+class MilterProcess:
+    """A milter script run by the current Python in a subprocess.
+
+    *socket* is the address in Postfix notation ("unix:/path" or
+    "inet:127.0.0.1:PORT"); the script gets it in libmilter notation
+    ("unix:/path", "inet:PORT@127.0.0.1") as argv[1], then *args*.
+    start() returns once the socket exists / the port accepts connections.
+    Output goes to *log* (default: the script path with .log).
+    """
+
+    def __init__(self, script: str | os.PathLike[str], socket: str, args: Sequence[str] = (),
+                 log: str | os.PathLike[str] | None = None, ready_timeout: float = 15.0):
+        self.script = Path(script)
+        self.socket = socket
+        self.args = list(args)
+        self.log = Path(log) if log else self.script.with_suffix(".log")
+        self.ready_timeout = ready_timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def libmilter_socket(self) -> str:
+        if self.socket.startswith(("inet:", "inet6:")) and "@" not in self.socket:
+            family, _, rest = self.socket.partition(":")
+            host, _, port = rest.rpartition(":")
+            return f"{family}:{port}@{host.strip('[]')}"
+        return self.socket
+
+    def _ready(self) -> bool:
+        if self.socket.startswith(("unix:", "local:")):
+            return os.path.exists(self.socket.split(":", 1)[1])
+        _, _, addr = self.libmilter_socket.partition(":")
+        port, _, host = addr.partition("@")
+        return port_open(host or LOCALHOST, int(port))
+
+    def start(self) -> Self:
+        if self.socket.startswith(("unix:", "local:")):
+            path = self.socket.split(":", 1)[1]
+            if os.path.exists(path):
+                os.unlink(path)
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(self.script), self.libmilter_socket, *self.args],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        proc = self.proc
+        try:
+            wait_until(lambda: self._ready() or proc.poll() is not None,
+                       self.ready_timeout, message=f"milter on {self.socket}")
+        except TimeoutError:
+            self.kill()
+            raise HarnessError(f"milter did not come up on {self.socket}:\n{tail(self.log)}") \
+                from None
+        if proc.poll() is not None:
+            raise HarnessError(f"milter exited with {proc.returncode}:\n{tail(self.log)}")
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send *sig* (default SIGKILL) and reap.  libmilter may take seconds
+        to honour SIGTERM."""
+        proc = self.proc
+        if proc and proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+    stop = kill
+
+    def output(self) -> str:
+        return tail(self.log, 200)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
