@@ -19,6 +19,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
+from guard.health import AggregationRules
 from guard.mxset import (
     SMTP_PORT,
     MxHost,
@@ -194,6 +195,16 @@ def _store_url(value: Any) -> str:
     return text
 
 
+def _listen(value: Any) -> str:
+    text = _string(value)
+    if text == "":
+        return text
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"must be ADDRESS:PORT (e.g. 127.0.0.1:9901) or empty, got {text!r}")
+    return text
+
+
 def _reply(first_digit: str) -> Parser:
     def parse(value: Any) -> SmtpReply:
         reply = SmtpReply.parse(_string(value))
@@ -300,6 +311,11 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = _setting("", _listen, "Prometheus exporter ADDRESS:PORT; empty: off")
+
+
+@dataclass(frozen=True)
 class DomainConfig:
     name: str
     mx: tuple[MxHost, ...] | None  # None: discover with DNS
@@ -318,6 +334,7 @@ class Config:
     dns: DnsConfig = field(default_factory=DnsConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     domains: tuple[DomainConfig, ...] = ()
     path: str = "<defaults>"
 
@@ -337,6 +354,11 @@ class Config:
         return domain.action or self.policy.action
 
     @property
+    def aggregation(self) -> AggregationRules:
+        return AggregationRules(self.policy.down_grace, self.policy.stale_after,
+                                self.probe.quorum)
+
+    @property
     def probe_helo(self) -> str:
         return self.probe.helo or (sorted(self.me.names)[0] if self.me.names else self.me.node)
 
@@ -349,6 +371,7 @@ _SECTIONS: dict[str, tuple[str, type]] = {
     "dns": ("dns", DnsConfig),
     "probe": ("probe", ProbeConfig),
     "policy": ("policy", PolicyConfig),
+    "metrics": ("metrics", MetricsConfig),
 }
 
 

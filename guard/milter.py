@@ -26,6 +26,7 @@ from typing import Any, TypeVar, cast
 
 import Milter
 
+from guard import metrics
 from guard.config import Action
 from guard.logsafe import printable
 from guard.policy import Connection, Reason, Verdict, client_address, recipient_domain
@@ -70,14 +71,22 @@ _HEADER_PRECEDENCE = [Reason.BYPASS, Reason.HEALTH_UNKNOWN, Reason.MX_UNKNOWN,
 def fail_open(callback: F) -> F:
     """Run a callback; on any exception log it and answer CONTINUE."""
 
+    name = callback.__name__
+    latency = metrics.CALLBACK_SECONDS.labels(name)
+    failures = metrics.CALLBACK_FAILURES.labels(name)
+
     @functools.wraps(callback)
     def guarded(self: GuardMilter, *args: Any) -> Any:
+        started = time.perf_counter()
         try:
             return callback(self, *args)
         except Exception:
+            failures.inc()
             log.exception("conn=%s %s callback failed; letting the mail through",
-                          self.conn_id, callback.__name__)
+                          self.conn_id, name)
             return CONTINUE
+        finally:
+            latency.observe(time.perf_counter() - started)
 
     return guarded  # type: ignore[return-value]
 
@@ -231,6 +240,7 @@ class GuardMilter(Milter.Base):  # type: ignore[misc]
         self.decisions = []
 
     def _log(self, queue_id: str, recipient: str, verdict: Verdict, note: str = "") -> None:
+        metrics.DECISIONS.labels(str(verdict.action), str(verdict.reason)).inc()
         log.info(
             "%s: conn=%s client=%s helo=%s from=<%s> rcpt=<%s> domain=%s action=%s "
             "reason=%s%s detail=%s",

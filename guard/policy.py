@@ -188,9 +188,7 @@ def decide(
         # Without an address we cannot tell the family nor whom to blame: let it pass.
         return verdict(Action.ACCEPT, Reason.CLIENT_UNKNOWN, "MTA sent no client address")
 
-    rules = AggregationRules(
-        config.policy.down_grace, config.policy.stale_after, config.probe.quorum
-    )
+    rules = config.aggregation
     family = conn.client.version
     judged = tuple(judge_host(h, family, snapshot, conn.connected_at, rules) for h in higher)
     detail = "; ".join(h.describe() for h in judged)

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from guard import metrics
 from guard.config import Config
 from guard.episodes import FaultEpisode
 from guard.health import Observation, State, Target, Transition
@@ -132,6 +133,7 @@ class Publisher:
                 self._episode.succeeded()
             except StoreError as e:
                 self._episode.failed(e)
+                metrics.STORE_ERRORS.labels("publish").inc()
                 self._requeue(batch)
                 with self._cond:
                     self._cond.wait_for(lambda: self._stopping, timeout=self._retry_after)
@@ -227,6 +229,7 @@ class Prober:
         while True:
             async with limit:
                 result = await self.probe_once(target)
+            metrics.PROBES.labels(str(result.result)).inc()
             now = self._clock()
             with self._lock:
                 transition = tracker.record(result, now)

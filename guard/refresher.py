@@ -18,8 +18,9 @@ import threading
 import time
 from collections.abc import Callable
 
+from guard import metrics
 from guard.episodes import FaultEpisode
-from guard.health import HealthSnapshot, Observation
+from guard.health import AggregationRules, HealthSnapshot, Observation
 from guard.store.base import Store, StoreError
 
 log = logging.getLogger("guard.refresher")
@@ -31,13 +32,14 @@ class Refresher:
         store: Store,
         own: Callable[[], list[Observation]],
         interval: float,
-        stale_after: float,
+        rules: AggregationRules,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._own = own
         self._interval = interval
-        self._stale_after = stale_after
+        self._rules = rules
+        self._stale_after = rules.stale_after
         self._clock = clock
         self._shared = HealthSnapshot()
         self.snapshot = HealthSnapshot()
@@ -58,7 +60,9 @@ class Refresher:
             source = "store"
         except StoreError as e:
             self._episode.failed(e)
+            metrics.STORE_ERRORS.labels("read").inc()
             source = "degraded"
+        metrics.STORE_DEGRADED.set(1 if source == "degraded" else 0)
         fresh = [
             o
             for obs in self._shared.observations.values()
@@ -69,7 +73,9 @@ class Refresher:
         with self._swap:
             own = [o for o in self._own() if o.is_fresh(now, self._stale_after)]
             self.snapshot = HealthSnapshot.build(fresh, now, source).merged(own, now, source)
-            return self.snapshot
+            snapshot = self.snapshot
+        metrics.count_targets(snapshot.health(t, now, self._rules) for t in snapshot.observations)
+        return snapshot
 
     def lay_own(self) -> None:
         """Lay this node's newest observations over the snapshot now, without the store.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+from guard import metrics
 from guard.config import Config
 from guard.discovery import MxDirectory, directory_for
 from guard.health import HealthSnapshot
@@ -41,7 +42,7 @@ class Guard:
             self.store,
             self.prober.own_observations if self.prober else list,
             config.store.refresh,
-            config.policy.stale_after,
+            config.aggregation,
         )
 
     @property
@@ -57,6 +58,8 @@ class Guard:
             self.config.me.node, len(self.config.domains), self.store.description,
             self.config.probe.mode,
         )
+        if self.config.metrics.listen:
+            metrics.serve(self.config.metrics.listen)
         self.directory.start()
         self.publisher.start()
         if self.prober is not None:

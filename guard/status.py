@@ -15,7 +15,7 @@ from typing import Any
 
 from guard.config import Config
 from guard.discovery import MxDirectory
-from guard.health import AggregationRules, HealthSnapshot, Observation, State, Transition
+from guard.health import HealthSnapshot, Observation, State, Transition
 from guard.mxset import higher_priority_hosts, self_preference
 from guard.policy import Verdict, iso_time
 from guard.probes import probe
@@ -67,14 +67,9 @@ def _probe_now(config: Config, directory: MxDirectory, now: float) -> HealthSnap
     return HealthSnapshot.build(asyncio.run(probe_all()), now, "probed")
 
 
-def _rules(config: Config) -> AggregationRules:
-    return AggregationRules(config.policy.down_grace, config.policy.stale_after,
-                            config.probe.quorum)
-
-
 def status_data(config: Config, directory: MxDirectory, view: HealthView) -> dict[str, Any]:
     now = time.time()
-    rules = _rules(config)
+    rules = config.aggregation
     me = config.me.identity
     domains = []
     for d in config.domains:

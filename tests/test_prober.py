@@ -83,7 +83,7 @@ def test_prober_follows_the_primary_through_the_store(memory_store: MemoryStore)
     target = Target(mx1.host, mx1.port)
     publisher = Publisher(memory_store)
     prober = Prober(config, lambda: [target], publisher)
-    refresher = Refresher(memory_store, prober.own_observations, 0.1, 5.0)
+    refresher = Refresher(memory_store, prober.own_observations, 0.1, RULES)
 
     def state() -> State:
         return refresher.snapshot.health(target, time.time(), RULES).state

@@ -34,12 +34,13 @@ import contextlib
 import json
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
-from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -58,7 +59,9 @@ log = logging.getLogger("guard.store.redis")
 BUCKET_SECONDS = 3600  # width of one observation hash; part of the key layout, fixed
 CLOCK_SKEW_SECONDS = 60.0  # tolerated difference between the clocks of two nodes
 HISTORY_TTL_SECONDS = 30 * 86400  # history survives a month without any publish
-HEALTH_CHECK_SECONDS = 30  # PING a pooled connection idle longer than this before use
+# PING a connection idle this long before using it, and PING the change subscription
+# this often: keeps it alive through firewalls and proxies that drop idle connections.
+HEALTH_CHECK_SECONDS = 30
 RETRY_BACKOFF_SECONDS = 0.005  # before the single retry: let a restarted socket settle
 WAIT_SLICE_SECONDS = 0.1  # wait_for_change notices close() within this
 SENTINEL_PORT = 26379
@@ -66,28 +69,27 @@ SENTINEL_PORT = 26379
 # Query options a URL may carry. Timeouts, retries and the protocol are deliberately
 # not among them: store.timeout is the one place for those.
 _QUERY_ALLOWED = frozenset({"db", "password", "username", "client_name"})
-_SENTINEL_QUERY = frozenset({"sentinel_username", "sentinel_password", "ssl"})
+# Behind Sentinel the master's credentials come from the URL's user:password@ only.
+_SENTINEL_QUERY = frozenset({"db", "client_name", "sentinel_username", "sentinel_password", "ssl"})
 
 # Everything a Redis call can fail with. OSError and ValueError cover what redis-py
 # lets through from sockets and TLS; UnicodeError a foreign value under our prefix.
 _FAULTS = (redis.RedisError, OSError, ValueError)
 
 T = TypeVar("T")
+_QUERY_PASSWORD = re.compile(r"([?&][a-z_]*password=)[^&#]*")
 
 
 def mask_password(url: str) -> str:
     """``url`` with any password replaced by ``***``, safe to log."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
+    netloc = urlsplit(url).netloc
     if "@" in netloc:
         userinfo, _, hosts = netloc.rpartition("@")
         user, colon, _ = userinfo.partition(":")
-        netloc = f"{user}:***@{hosts}" if colon else netloc
-    query = "&".join(
-        f"{k}=***" if k.endswith("password") else f"{k}={v}"
-        for k, v in parse_qsl(parts.query, keep_blank_values=True)
-    )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        if colon:
+            url = url.replace(netloc, f"{user}:***@{hosts}", 1)
+    # password=, sentinel_password= in the query (unix:// URLs carry it there)
+    return _QUERY_PASSWORD.sub(r"\1***", url)
 
 
 def _check_query(url: str, allowed: Iterable[str], tls: bool) -> None:
@@ -262,7 +264,7 @@ class RedisStore:
         if url.startswith("redis+sentinel://"):
             parsed = SentinelUrl.parse(url)
             extra = _typed_options(parsed.options)
-            _check_query(url, _QUERY_ALLOWED | _SENTINEL_QUERY, tls=bool(extra.get("ssl")))
+            _check_query(url, _SENTINEL_QUERY, tls=bool(extra.get("ssl")))
             sentinel_auth = {
                 "username": extra.pop("sentinel_username", None),
                 "password": extra.pop("sentinel_password", None),
@@ -398,8 +400,6 @@ class RedisStore:
                     continue
                 if expires > now:
                     newest[field] = obs
-                else:
-                    newest.pop(field, None)
         return list(newest.values())
 
     # -- history ----------------------------------------------------------------------
