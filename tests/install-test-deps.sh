@@ -4,7 +4,7 @@
 # Installs only what is missing; needs root for that.
 set -eu
 
-packages="redis-server miltertest"
+packages="redis-server miltertest openssl"
 missing=""
 for p in $packages; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
