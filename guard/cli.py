@@ -39,6 +39,7 @@ def _load(args: argparse.Namespace) -> Config:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
+    open_store(config).close()  # the store URL is parsed here; nothing is contacted
     dns = sum(1 for d in config.domains if d.from_dns)
     print(f"{config.path}: ok ({len(config.domains)} domain(s), {dns} from DNS, "
           f"store {config.store.url.split('@')[-1]}, action {config.policy.action})")

@@ -8,6 +8,7 @@ strings such as ``"100ms"``, ``"10s"``, ``"30m"``; they become float seconds.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -245,7 +246,7 @@ class SelfConfig:
     names: tuple[str, ...] = _setting((), _list_of(_string))
     addresses: tuple[str, ...] = _setting((), _list_of(_address))
 
-    @property
+    @functools.cached_property
     def identity(self) -> SelfIdentity:
         return SelfIdentity.of(self.names, self.addresses)
 

@@ -23,7 +23,14 @@ import dns.resolver
 
 from guard.config import Config, DnsConfig, DomainConfig
 from guard.health import Target
-from guard.mxset import MxHost, MxSet, MxSource, higher_priority_hosts, normalize_host
+from guard.mxset import (
+    MxHost,
+    MxSet,
+    MxSource,
+    higher_priority_hosts,
+    normalize_address,
+    normalize_host,
+)
 
 log = logging.getLogger("guard.discovery")
 
@@ -85,7 +92,10 @@ class MxResolver:
         rrset = answer.rrset
         if rrset is None:
             return None
-        return _Answer(tuple(r.to_text() for r in rrset), float(rrset.ttl))
+        values = tuple(r.to_text() for r in rrset)
+        if rdtype in ("A", "AAAA"):
+            values = tuple(normalize_address(v) for v in values)
+        return _Answer(values, float(rrset.ttl))
 
     def addresses(self, host: str) -> tuple[tuple[str, ...], float]:
         """A and AAAA of a host, with the smaller TTL; a missing family is no error."""

@@ -36,7 +36,7 @@ class Target:
 
     @property
     def family(self) -> int:
-        return ipaddress.ip_address(self.address).version
+        return 6 if ":" in self.address else 4
 
     def __str__(self) -> str:
         if ":" in self.address:

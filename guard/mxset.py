@@ -21,6 +21,15 @@ def normalize_host(name: str) -> str:
     return name.strip().rstrip(".").lower()
 
 
+def ip_version(address: str) -> int:
+    """4 or 6 for an address already known to be valid (cheap: on the hot path)."""
+    return 6 if ":" in address else 4
+
+
+def normalize_address(address: str) -> str:
+    return str(ipaddress.ip_address(address))
+
+
 @dataclass(frozen=True)
 class MxHost:
     host: str
@@ -33,7 +42,7 @@ class MxHost:
         return tuple(
             Target(a, self.port)
             for a in self.addresses
-            if family is None or ipaddress.ip_address(a).version == family
+            if family is None or ip_version(a) == family
         )
 
 
@@ -67,13 +76,14 @@ class SelfIdentity:
     def of(cls, names: Iterable[str], addresses: Iterable[str]) -> SelfIdentity:
         return cls(
             frozenset(normalize_host(n) for n in names),
-            frozenset(str(ipaddress.ip_address(a)) for a in addresses),
+            frozenset(normalize_address(a) for a in addresses),
         )
 
     def is_me(self, host: MxHost) -> bool:
-        if normalize_host(host.host) in self.names:
+        # Host names and addresses are normalised where MX sets are made (config, DNS).
+        if host.host in self.names:
             return True
-        return any(str(ipaddress.ip_address(a)) in self.addresses for a in host.addresses)
+        return any(a in self.addresses for a in host.addresses)
 
 
 def self_preference(mxset: MxSet, me: SelfIdentity) -> int | None:

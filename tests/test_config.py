@@ -139,6 +139,17 @@ def test_check_config_exit_codes(tmp_path: Path) -> None:
     assert usage.returncode == 2
 
 
+def test_check_config_parses_the_store_url(tmp_path: Path) -> None:
+    bad = cli("check-config", "-c", str(write(
+        tmp_path, '[store]\nurl = "redis+sentinel://s1:26379"')))
+    assert bad.returncode == 1
+    assert "[store] url: store url redis+sentinel://s1:26379: no service name" in bad.stderr
+    good = cli("check-config", "-c", str(write(
+        tmp_path, '[store]\nurl = "redis://user:secret@127.0.0.1:1/0"')))
+    assert good.returncode == 0, good.stderr  # parsed, never contacted
+    assert "secret" not in good.stdout
+
+
 def test_config_from_environment(tmp_path: Path) -> None:
     path = write(tmp_path, '[policy]\naction = "drop"')
     env_run = subprocess.run([sys.executable, "-m", "guard", "check-config"],

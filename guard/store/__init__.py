@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from guard.config import Config
+from guard.config import Config, ConfigError
 from guard.store.base import Store, StoreError
 from guard.store.memory import MemoryStore
 
@@ -24,4 +24,7 @@ def open_store(config: Config) -> Store:
         return MemoryStore(observation_ttl(config))
     from guard.store.redis import RedisStore  # redis-py is only loaded when used
 
-    return RedisStore.from_config(config)
+    try:
+        return RedisStore.from_config(config)
+    except ValueError as e:
+        raise ConfigError(f"{config.path}: [store] url: {e}") from None
