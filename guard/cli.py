@@ -66,6 +66,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from guard.service import Guard
 
     config = _load(args)
+    if config.store.url.startswith("memory://"):
+        log.warning("mx-guard probe with the memory:// store shares its observations "
+                    "with nobody; set [store] url to a Redis URL")
     guard = Guard(config)
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
