@@ -93,6 +93,11 @@ class PostfixMTA:
         (Cyrus SASL, private sasldb) without TLS.
     milter_*_timeout, milter_default_action, milter_macros (dict overriding
         DEFAULT_MILTER_MACROS), main_cf (extra main.cf settings) are passed on.
+    listeners: {name: {parameter: value}} adds one more smtpd listener per name,
+        on a free port of *host*, with its own ``-o parameter=value`` overrides in
+        master.cf (e.g. another smtpd_milters, shorter milter timeouts): one
+        instance then serves several milter setups.  ``listener(name)`` gives
+        its (host, port).
     """
 
     def __init__(self, milter: str | None = None, *,
@@ -110,6 +115,7 @@ class PostfixMTA:
                  milter_macros: Mapping[str, str] | None = None,
                  sasl_users: Mapping[str, str] | None = None,
                  main_cf: Mapping[str, str] | None = None,
+                 listeners: Mapping[str, Mapping[str, str]] | None = None,
                  workdir: str | os.PathLike[str] | None = None,
                  start_timeout: float = 60.0,
                  isolate: bool = True):
@@ -127,6 +133,8 @@ class PostfixMTA:
         self.milter_macros = dict(DEFAULT_MILTER_MACROS, **(milter_macros or {}))
         self.sasl_users = dict(sasl_users or {})
         self.extra_main_cf = dict(main_cf or {})
+        self.listeners = {name: dict(o) for name, o in (listeners or {}).items()}
+        self._listener_ports: dict[str, int] = {}
         self._workdir_arg = Path(workdir) if workdir else None
         self.start_timeout = start_timeout
         self.isolate = isolate
@@ -168,6 +176,12 @@ class PostfixMTA:
     @property
     def address(self) -> tuple[str, int]:
         return (self.host, self.port)
+
+    def listener(self, name: str) -> tuple[str, int]:
+        """(host, port) of the extra smtpd listener *name* (see ``listeners``)."""
+        if name not in self._listener_ports:
+            raise HarnessError(f"{type(self).__name__} has no started listener {name!r}")
+        return (self.host, self._listener_ports[name])
 
     # ------------------------------------------------------------ config
     def main_cf_settings(self) -> dict[str, str]:
@@ -238,9 +252,13 @@ class PostfixMTA:
         s.update(self.extra_main_cf)
         return s
 
+    def _listen_address(self, port: int) -> str:
+        return f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
+
     def _write_master_cf(self) -> None:
-        """The system master.cf with chroot off and smtp inet on our address."""
-        listen = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        """The system master.cf with chroot off, smtp inet on our address, and one more
+        smtpd line per extra listener."""
+        listen = self._listen_address(self.port)
         out = []
         with open(SYSTEM_MASTER_CF) as f:
             for line in f:
@@ -257,6 +275,12 @@ class PostfixMTA:
                     fields[0] = listen
                 fields[4] = "n"  # chroot
                 out.append(" ".join(fields[:7]) + " " + line.split(None, 7)[7])
+        for name, overrides in self.listeners.items():
+            # "-o { name = value }" (Postfix >= 3.0) keeps values with spaces whole.
+            opts = "".join(f"\n  -o {{ {k} = {v} }}" for k, v in overrides.items())
+            out.append(f"# listener {name}\n"
+                       f"{self._listen_address(self._listener_ports[name])} inet n - n - - "
+                       f"smtpd{opts}\n")
         (self.config_dir / "master.cf").write_text("".join(out))
 
     def _write_sasl(self) -> None:
@@ -367,6 +391,7 @@ class PostfixMTA:
         os.chmod(self.workdir, 0o755)  # postfix-owned daemons must traverse it
         if self._port is None:
             self._port = free_port(self.host)
+        self._listener_ports = {name: free_port(self.host) for name in self.listeners}
         self._write_config()
         self.running = True
         _RUNNING.add(self)
@@ -382,6 +407,14 @@ class PostfixMTA:
             self.stop()
             raise HarnessError(f"Postfix did not start listening on {self.host}:{self.port}: "
                                f"{exc}\n--- maillog ---\n{log}") from None
+        for name, port in self._listener_ports.items():
+            try:
+                wait_for_banner(self.host, port, 10)
+            except TimeoutError as exc:
+                log = tail(self.log_path)
+                self.stop()
+                raise HarnessError(f"Postfix listener {name!r} did not start on "
+                                   f"{self.host}:{port}: {exc}\n--- maillog ---\n{log}") from None
         return self
 
     def stop(self) -> None:

@@ -4,12 +4,15 @@
   message and records it (``wait_for_message(rcpt)``); the MTAs' next hop.
 * ``FakePrimaryMX`` - a real SMTP listener that only greets (220) and answers
   EHLO/HELO/NOOP/RSET/QUIT; tests start/stop it on a given port to simulate a
-  primary MX that is up or down (``connections`` records who probed it).
+  primary MX that is up or down (``connections`` records who probed it);
+  ``ehlo_reply`` refuses chosen EHLO names (a primary one prober cannot use).
 * ``send`` / ``smtp_session`` - an smtplib client that can connect *from* any
   127.x.y.z address (Linux accepts every 127/8 source address on lo), so a test
   client can look "untrusted" to an MTA whose mynetworks is 127.0.0.1/32;
   ``send`` returns every reply instead of raising on refused recipients.
 * ``MilterProcess`` - runs a milter script in a subprocess until it listens.
+* ``GuardFleet``, ``guard_config``, ``GuardedDomain``, ``GuardSocket``,
+  ``guard_socket_dir`` - the real guard (``python -m guard run``) for the MTAs.
 * ``free_port`` / ``wait_for_port`` / ``wait_for_banner`` / ``wait_until``.
 * ``HarnessError``, ``isolation`` (private namespaces: no DNS leaves the
   machine), ``SyslogReceiver``, ``make_socket_dir`` for postfix.py/sendmail.py.
@@ -37,6 +40,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self, TypeVar
+
+from tests.guardproc import GuardProcess
 
 T = TypeVar("T")
 Address = tuple[Any, ...]  # a socket address: (host, port) or (host, port, flow, scope)
@@ -164,7 +169,9 @@ class _Handler(socketserver.StreamRequestHandler):
             verb = line.split(" ", 1)[0].upper()
             arg = line[len(verb):].strip()
             owner._note_command(line)
-            if verb == "EHLO":
+            if verb == "EHLO" and owner.ehlo_reply and (refusal := owner.ehlo_reply(arg)):
+                self.reply(refusal)
+            elif verb == "EHLO":
                 helo = arg
                 lines = [owner.hostname, *owner.ehlo_keywords]
                 for i, text in enumerate(lines):
@@ -249,13 +256,17 @@ class SmtpServer:
                  hostname: str = "sink.test.example",
                  greeting: str | None = None,
                  greeting_delay: float = 0.0,
-                 rcpt_reply: Callable[[str], str | None] | None = None):
+                 rcpt_reply: Callable[[str], str | None] | None = None,
+                 ehlo_reply: Callable[[str], str | None] | None = None):
         self.host = host
         self.port = port
         self.hostname = hostname
         self.greeting = greeting or f"220 {hostname} ESMTP test server"
         self.greeting_delay = greeting_delay
         self.rcpt_reply = rcpt_reply  # rcpt -> "550 ..." to refuse, None to accept
+        # EHLO name -> "554 ..." to refuse that client, None to answer 250; may be
+        # replaced while the server runs (a primary that one prober cannot use).
+        self.ehlo_reply = ehlo_reply
         self.ehlo_keywords: list[str] = ["PIPELINING", "8BITMIME", "SIZE 52428800"]
         self.messages: list[ReceivedMessage] = []
         self.connections: list[Address] = []   # client addresses, in order
@@ -712,3 +723,132 @@ class MilterProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
+
+
+# --------------------------------------------------------------------------
+# the real guard (``python -m guard run``) as the MTAs see it
+
+
+@dataclass(frozen=True)
+class GuardedDomain:
+    """One [[domain]] of a guard config: mx1.example.org (preference 10) at *primary*,
+    then *secondaries* (preference 20; the guard's [self] name must be among them)."""
+
+    name: str
+    primary: tuple[str, int]
+    action: str | None = None  # None: [policy] action (tempfail)
+    secondaries: tuple[str, ...] = ("mx2.example.org",)
+
+    def toml(self) -> str:
+        host, port = self.primary
+        mx = [f'{{ host = "mx1.example.org", preference = 10, addresses = ["{host}"], '
+              f"port = {port} }}"]
+        mx += [f'{{ host = "{s}", preference = 20 }}' for s in self.secondaries]
+        action = f'action = "{self.action}"\n' if self.action else ""
+        hosts = ",\n  ".join(mx)
+        return f'[[domain]]\nname = "{self.name}"\n{action}mx = [\n  {hosts},\n]\n'
+
+
+
+def guard_config(socket: str, domains: Sequence[GuardedDomain], *, node: str = "mx2",
+                 self_name: str = "mx2.example.org", store: str = "memory://",
+                 probe_mode: str = "banner",
+                 trusted_networks: Sequence[str] = ("127.0.0.1/32", "::1/128")) -> str:
+    """A guard config with fast probes (every 200 ms, rise = fall = 2), the EHLO name
+    *self_name*, and everything else at its default (down_grace 30m, header
+    X-MX-Guard, the default 451 reply, trust_authenticated)."""
+    trusted = ", ".join(f'"{n}"' for n in trusted_networks)
+    return (f'[milter]\nsocket = "{socket}"\n'
+            f'[self]\nnode = "{node}"\nnames = ["{self_name}"]\n'
+            f'[store]\nurl = "{store}"\nrefresh = "200ms"\n'
+            f'[probe]\nmode = "{probe_mode}"\ninterval = "200ms"\ndown_interval = "200ms"\n'
+            f'timeout = "1s"\nrise = 2\nfall = 2\nhelo = "{self_name}"\n'
+            f'[policy]\nstale_after = "10s"\ntrusted_networks = [{trusted}]\n'
+            + "".join(d.toml() for d in domains))
+
+
+@dataclass(frozen=True)
+class GuardSocket:
+    """One milter socket in both notations: Postfix's and the guard's (libmilter)."""
+
+    postfix: str  # "unix:/path" or "inet:127.0.0.1:PORT"
+    guard: str    # "unix:/path" or "inet:PORT@127.0.0.1"
+
+    @classmethod
+    def unix(cls, directory: Path, name: str) -> GuardSocket:
+        return cls(f"unix:{directory / name}.sock", f"unix:{directory / name}.sock")
+
+    @classmethod
+    def inet(cls, host: str = LOCALHOST) -> GuardSocket:
+        port = free_port(host)
+        return cls(f"inet:{host}:{port}", f"inet:{port}@{host}")
+
+    def accepts(self) -> bool:
+        kind, _, where = self.guard.partition(":")
+        if kind == "unix":
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.settimeout(0.5)
+                    s.connect(where)
+                    return True
+            except OSError:
+                return False
+        port, _, host = where.partition("@")
+        return port_open(host, int(port))
+
+
+def guard_socket_dir() -> Path:
+    """make_socket_dir(), then group postfix and setgid (2750): the guard (root, umask
+    007) creates its socket 0770 and the directory gives it group postfix, so Postfix's
+    smtpd reaches it, as with the SPEC's "socket directory 0750 with group postfix".
+    Sendmail runs as root and accepts it (no world- or group-writable directory)."""
+    import grp  # Unix only, like everything here
+
+    d = make_socket_dir()
+    os.chown(d, 0, grp.getgrnam("postfix").gr_gid)
+    os.chmod(d, 0o2750)
+    return d
+
+
+class GuardFleet:
+    """Guards run as processes (tests/guardproc.py) and stopped together.
+
+    ``launch()`` starts one and returns at once; ``ready()`` waits until each listens
+    and sees its primaries up. ``stop_all()`` sends SIGTERM to all before waiting
+    (libmilter takes up to 5 s to notice), then checks every exit code and log.
+    """
+
+    LOG_FAILURES = ("Traceback", "callback failed")
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.guards: list[tuple[GuardProcess, GuardSocket, list[tuple[str, int]]]] = []
+
+    def launch(self, name: str, sock: GuardSocket, domains: Sequence[GuardedDomain],
+               **config: Any) -> GuardProcess:
+        guard = GuardProcess(guard_config(sock.guard, domains, **config), self.workdir, name)
+        guard.start()
+        primaries = sorted({d.primary for d in domains})
+        self.guards.append((guard, sock, primaries))
+        return guard
+
+    def ready(self, timeout: float = 15.0) -> None:
+        for guard, sock, primaries in self.guards:
+            for host, port in primaries:
+                guard.wait_for_log(rf"target {re.escape(host)}:{port} is up", timeout)
+            wait_until(sock.accepts, timeout, message=f"{guard.config.name} on {sock.guard}")
+
+    def stop_all(self) -> None:
+        for guard, _, _ in self.guards:
+            if guard.proc is not None and guard.proc.poll() is None:
+                guard.signal(signal.SIGCONT)  # in case a test froze it
+                guard.signal(signal.SIGTERM)
+        problems = []
+        for guard, _, _ in self.guards:
+            code = guard.stop()
+            log = guard.log()
+            if code not in (0, None):
+                problems.append(f"{guard.config.name}: exit code {code}")
+            problems += [f"{guard.logfile.name}: {bad!r} in the log:\n{log[-3000:]}"
+                         for bad in self.LOG_FAILURES if bad in log]
+        assert not problems, "\n".join(problems)
