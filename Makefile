@@ -22,6 +22,11 @@ lint: $(BIN)/.installed-test
 bench: test-deps $(BIN)/.installed-test
 	$(BIN)/python -m tests.bench
 
+# A one-minute tour: Redis, a primary, the guard and Postfix, all private (needs root).
+.PHONY: demo
+demo: test-deps $(BIN)/.installed-test
+	$(BIN)/python -m tests.demo
+
 deps:
 	sh deploy/install-deps.sh
 

@@ -4,7 +4,8 @@
 # Installs only what is missing; needs root for that.
 set -eu
 
-packages="redis-server miltertest openssl"
+# systemd brings systemd-analyze, -sysusers and -tmpfiles for the deploy/ checks.
+packages="redis-server miltertest openssl systemd"
 missing=""
 for p in $packages; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
