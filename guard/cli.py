@@ -15,8 +15,17 @@ from collections.abc import Sequence
 
 from guard import __version__
 from guard.config import Config, ConfigError, config_path, load_config
-from guard.discovery import directory_for
+from guard.discovery import MxDirectory, directory_for
 from guard.policy import Connection, client_address, decide, recipient_domain
+from guard.status import (
+    HealthView,
+    gather_health,
+    render_status,
+    render_verdict,
+    status_data,
+    to_json,
+    verdict_data,
+)
 from guard.store import StoreError, open_store
 
 EXIT_OK = 0
@@ -80,9 +89,18 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_explain(args: argparse.Namespace) -> int:
-    from guard.status import gather_health, render_verdict, to_json, verdict_data
+def _current_view(config: Config) -> tuple[MxDirectory, HealthView]:
+    """MX sets looked up now, and health as the store (or a probe now) has it."""
+    directory = directory_for(config)
+    directory.refresh_due()
+    store = open_store(config)
+    try:
+        return directory, gather_health(config, store, directory)
+    finally:
+        store.close()
 
+
+def cmd_explain(args: argparse.Namespace) -> int:
     config = _load(args)
     client = client_address(args.client)
     if client is None:
@@ -93,13 +111,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if domain is None:
         print(f"mx-guard explain: --rcpt {args.rcpt!r} has no domain", file=sys.stderr)
         return EXIT_BAD_INPUT
-    directory = directory_for(config)
-    directory.refresh_due()
-    store = open_store(config)
-    try:
-        view = gather_health(config, store, directory)
-    finally:
-        store.close()
+    directory, view = _current_view(config)
     conn = Connection(client, args.helo, args.authenticated, time.time())
     verdict = decide(conn, domain, directory.get(domain), view.snapshot, config)
     if args.json:
@@ -110,16 +122,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from guard.status import gather_health, render_status, status_data, to_json
-
     config = _load(args)
-    directory = directory_for(config)
-    directory.refresh_due()
-    store = open_store(config)
-    try:
-        view = gather_health(config, store, directory)
-    finally:
-        store.close()
+    directory, view = _current_view(config)
     data = status_data(config, directory, view)
     sys.stdout.write(to_json(data) if args.json else render_status(data))
     return EXIT_OK

@@ -104,7 +104,6 @@ class GuardMilter(Milter.Base):  # type: ignore[misc]
         self.guard = guard
         self.conn_id = Milter.uniqueID()
         self.client_raw: str | None = None
-        self.hostname = ""
         self.helo = ""
         self.connected_at = time.time()
         self._reset()
@@ -127,7 +126,6 @@ class GuardMilter(Milter.Base):  # type: ignore[misc]
     @fail_open
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
         self.connected_at = time.time()
-        self.hostname = hostname
         # libmilter gives (address, port, ...) for TCP clients; Unix-socket and
         # unknown clients carry no address, and then {client_addr} is all we have.
         if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
