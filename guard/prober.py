@@ -45,17 +45,29 @@ class Hysteresis:
     """One node's state machine for one target."""
 
     target: Target
+    node: str
     rise: int
     fall: int
     state: State = State.UNKNOWN
     since: float = 0.0
     successes: int = 0
     failures: int = 0
+    last_probe: float | None = None
     last_ok: float | None = None
     last_fail: float | None = None
     detail: str = "not probed yet"
 
+    def remember(self, previous: Observation) -> None:
+        """Carry over what an earlier run of this node saw (after a restart).
+
+        Only the times: the state must be earned again by ``rise`` or ``fall`` probes,
+        but a failure within ``down_grace`` must not be forgotten by a restart.
+        """
+        self.last_ok = previous.last_ok
+        self.last_fail = previous.last_fail
+
     def record(self, result: ProbeResult, now: float) -> Transition | None:
+        self.last_probe = now
         self.detail = f"{result.result}: {result.detail}" if not result.ok else result.detail
         if result.ok:
             self.last_ok = now
@@ -68,12 +80,16 @@ class Hysteresis:
         if new is self.state:
             return None
         old, self.state, self.since = self.state, new, now
-        return Transition(self.target, "", old, new, now, self.detail)
+        return Transition(self.target, self.node, old, new, now, self.detail)
 
-    def observation(self, node: str, now: float) -> Observation:
+    def observation(self) -> Observation | None:
+        """The newest observation, stamped with the time of the last probe (None before
+        the first): a stalled prober's view goes stale like any other node's."""
+        if self.last_probe is None:
+            return None
         return Observation(
-            self.target, node, self.state, self.since or now, now,
-            self.last_ok, self.last_fail, self.detail,
+            self.target, self.node, self.state, self.since or self.last_probe,
+            self.last_probe, self.last_ok, self.last_fail, self.detail,
         )
 
     def delay(self, interval: float, down_interval: float) -> float:
@@ -131,12 +147,15 @@ class Publisher:
             try:
                 self._store.publish(list(batch.observations.values()), list(batch.transitions))
                 self._episode.succeeded()
+                continue
             except StoreError as e:
                 self._episode.failed(e)
                 metrics.STORE_ERRORS.labels("publish").inc()
-                self._requeue(batch)
-                with self._cond:
-                    self._cond.wait_for(lambda: self._stopping, timeout=self._retry_after)
+            except Exception:  # a bug must not end publishing for good
+                log.exception("publishing observations failed")
+            self._requeue(batch)
+            with self._cond:
+                self._cond.wait_for(lambda: self._stopping, timeout=self._retry_after)
 
     def _requeue(self, batch: _Outbox) -> None:
         with self._cond:
@@ -158,12 +177,14 @@ class Prober:
         targets: Callable[[], Iterable[Target]],
         publisher: Publisher | None,
         on_transition: Callable[[Transition], None] = lambda t: None,
+        remembered: Callable[[Target], Observation | None] = lambda t: None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
         self._targets = targets
         self._publisher = publisher
         self._on_transition = on_transition
+        self._remembered = remembered
         self._clock = clock
         self._trackers: dict[Target, Hysteresis] = {}
         self._lock = threading.Lock()
@@ -174,11 +195,9 @@ class Prober:
     # -- the rest of the process reads these ------------------------------------------
 
     def own_observations(self) -> list[Observation]:
-        now = self._clock()
-        node = self._config.me.node
         with self._lock:
-            return [t.observation(node, now) for t in self._trackers.values() if t.last_ok
-                    or t.last_fail]
+            observations = [t.observation() for t in self._trackers.values()]
+        return [o for o in observations if o is not None]
 
     def start(self) -> None:
         self._thread.start()
@@ -200,14 +219,10 @@ class Prober:
         tasks: dict[Target, asyncio.Task[None]] = {}
         try:
             while not self._stop.is_set():
-                wanted = set(self._targets())
-                for target in wanted - tasks.keys():
-                    tasks[target] = asyncio.create_task(self._watch(target, limit))
-                for target in tasks.keys() - wanted:
-                    tasks.pop(target).cancel()
-                    with self._lock:
-                        self._trackers.pop(target, None)
-                    log.info("stopped probing %s (no longer a higher-priority MX)", target)
+                try:
+                    self._reconcile(tasks, limit)
+                except Exception:  # e.g. a bug in targets(): keep the probes we have
+                    log.exception("updating the set of targets failed")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), RECONCILE_EVERY)
         finally:
@@ -215,13 +230,33 @@ class Prober:
                 task.cancel()
             await asyncio.gather(*tasks.values(), return_exceptions=True)
 
+    def _reconcile(self, tasks: dict[Target, asyncio.Task[None]],
+                   limit: asyncio.Semaphore) -> None:
+        wanted = set(self._targets())
+        for target, task in list(tasks.items()):
+            if task.done() and target in wanted:
+                # _watch never returns; a finished one died of a bug: say so, start anew.
+                error = None if task.cancelled() else task.exception()
+                log.error("probing %s stopped (%r); restarting it", target, error)
+                del tasks[target]
+        for target in wanted - tasks.keys():
+            tasks[target] = asyncio.create_task(self._watch(target, limit))
+        for target in tasks.keys() - wanted:
+            tasks.pop(target).cancel()
+            with self._lock:
+                self._trackers.pop(target, None)
+            log.info("stopped probing %s (no longer a higher-priority MX)", target)
+
     async def probe_once(self, target: Target) -> ProbeResult:
         p = self._config.probe
         return await probe(target, p.mode, p.timeout, self._config.probe_helo)
 
     async def _watch(self, target: Target, limit: asyncio.Semaphore) -> None:
         p = self._config.probe
-        tracker = Hysteresis(target, p.rise, p.fall)
+        tracker = Hysteresis(target, self._config.me.node, p.rise, p.fall)
+        previous = self._remembered(target)
+        if previous is not None:
+            tracker.remember(previous)
         with self._lock:
             self._trackers[target] = tracker
         log.info("probing %s (%s mode, every %gs, timeout %gs)", target, p.mode, p.interval,
@@ -229,20 +264,22 @@ class Prober:
         while True:
             async with limit:
                 result = await self.probe_once(target)
-            metrics.PROBES.labels(str(result.result)).inc()
-            now = self._clock()
-            with self._lock:
-                transition = tracker.record(result, now)
-                obs = tracker.observation(self._config.me.node, now)
-            log.debug("probe %s: %s %s (%.0f ms)", target, result.result, result.detail,
-                      result.elapsed * 1000)
-            if transition is not None:
-                transition = Transition(target, obs.node, transition.old, transition.new,
-                                        now, transition.detail)
-            if self._publisher is not None:
-                self._publisher.offer(obs, transition)
-            if transition is not None:
-                self._on_transition(transition)
-                log.info("target %s is %s (was %s): %s", target, transition.new,
-                         transition.old, transition.detail)
+            try:
+                self._record(tracker, result)
+            except Exception:  # never let one bad result end the watch
+                log.exception("recording a probe of %s failed", target)
             await asyncio.sleep(tracker.delay(p.interval, p.down_interval))
+
+    def _record(self, tracker: Hysteresis, result: ProbeResult) -> None:
+        metrics.PROBES.labels(str(result.result)).inc()
+        with self._lock:
+            transition = tracker.record(result, self._clock())
+            obs = tracker.observation()
+        log.debug("probe %s: %s %s (%.0f ms)", tracker.target, result.result, result.detail,
+                  result.elapsed * 1000)
+        if self._publisher is not None and obs is not None:
+            self._publisher.offer(obs, transition)
+        if transition is not None:
+            self._on_transition(transition)
+            log.info("target %s is %s (was %s): %s", tracker.target, transition.new,
+                     transition.old, transition.detail)

@@ -125,6 +125,8 @@ async def probe(target: Target, mode: ProbeMode, timeout: float, helo: str) -> P
         cls = _classify_os_error(e)
         # asyncio words refusals as "Connect call failed (...)"; the errno says it plainer.
         return result(cls, os.strerror(e.errno) if e.errno else str(e) or cls.value)
+    except Exception as e:  # e.g. a line longer than the stream limit: the peer is broken
+        return result(ProbeClass.ERROR, f"{type(e).__name__}: {str(e)[:80]}")
     finally:
         if writer is not None:
             writer.close()

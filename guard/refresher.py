@@ -48,10 +48,6 @@ class Refresher:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="refresher", daemon=True)
 
-    @property
-    def degraded(self) -> bool:
-        return self._episode.ongoing
-
     def refresh_once(self) -> HealthSnapshot:
         now = self._clock()
         try:
@@ -98,14 +94,14 @@ class Refresher:
     def _run(self) -> None:
         while not self._stopping.is_set():
             started = time.monotonic()
-            self._store.wait_for_change(self._interval)
-            if self._stopping.is_set():
-                return
-            # A store that answers "changed" in a loop must not spin us.
-            spent = time.monotonic() - started
-            if spent < 0.05:
-                self._stopping.wait(0.05 - spent)
             try:
+                self._store.wait_for_change(self._interval)
+                if self._stopping.is_set():
+                    return
+                # A store that answers "changed" in a loop must not spin us.
+                spent = time.monotonic() - started
+                if spent < 0.05:
+                    self._stopping.wait(0.05 - spent)
                 self.refresh_once()
             except Exception:  # a bug here must not leave the snapshot frozen forever
                 log.exception("refreshing the health snapshot failed")

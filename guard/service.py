@@ -12,7 +12,7 @@ import logging
 from guard import metrics
 from guard.config import Config
 from guard.discovery import MxDirectory, directory_for
-from guard.health import HealthSnapshot
+from guard.health import HealthSnapshot, Observation, Target
 from guard.policy import Connection, Verdict, decide
 from guard.prober import Prober, Publisher
 from guard.refresher import Refresher
@@ -35,7 +35,8 @@ class Guard:
         self.publisher = Publisher(self.store)
         self.prober = (
             Prober(config, self.directory.targets, self.publisher,
-                   on_transition=lambda _: self.refresher.lay_own())
+                   on_transition=lambda _: self.refresher.lay_own(),
+                   remembered=self._remembered)
             if probing else None
         )
         self.refresher = Refresher(
@@ -44,6 +45,11 @@ class Guard:
             config.store.refresh,
             config.aggregation,
         )
+
+    def _remembered(self, target: Target) -> Observation | None:
+        """This node's last shared observation of a target, from before a restart."""
+        mine = [o for o in self.snapshot.of(target) if o.node == self.config.me.node]
+        return mine[0] if mine else None
 
     @property
     def snapshot(self) -> HealthSnapshot:
@@ -61,10 +67,12 @@ class Guard:
         if self.config.metrics.listen:
             metrics.serve(self.config.metrics.listen)
         self.directory.start()
+        # The first read of the store comes before the first probe, so the prober can
+        # carry over what this node saw before a restart (down_grace survives it).
+        self.refresher.start()
         self.publisher.start()
         if self.prober is not None:
             self.prober.start()
-        self.refresher.start()
 
     def stop(self) -> None:
         if self.prober is not None:

@@ -19,6 +19,7 @@ class Behaviour(Enum):
     BUSY = "421"  # 421 greeting: "try another MX"
     SILENT = "silent"  # accepts, never greets
     HANGUP = "hangup"  # accepts and closes at once
+    RAMBLE = "ramble"  # sends a greeting line longer than any SMTP line, with no end
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -35,6 +36,10 @@ class _Handler(socketserver.StreamRequestHandler):
         behaviour = self.server.behaviour
         self.server.connections += 1
         if behaviour is Behaviour.HANGUP:
+            return
+        if behaviour is Behaviour.RAMBLE:
+            self.wfile.write(b"220" + b"x" * 70000)
+            self.server.release.wait(30)
             return
         if behaviour is Behaviour.SILENT:
             self.server.release.wait(30)

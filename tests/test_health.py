@@ -98,20 +98,44 @@ def result(ok: bool) -> ProbeResult:
     ("back up after rise successes", 2, 2, [False, False, True, True], UP),
 ])
 def test_hysteresis(label: str, rise: int, fall: int, results: list[bool], want: State) -> None:
-    h = Hysteresis(T, rise, fall)
+    h = Hysteresis(T, "mx2", rise, fall)
     for i, ok in enumerate(results):
         h.record(result(ok), NOW + i)
     assert h.state is want
 
 
 def test_hysteresis_failure_always_moves_last_fail_and_reports_transitions() -> None:
-    h = Hysteresis(T, rise=2, fall=2)
+    h = Hysteresis(T, "mx2", rise=2, fall=2)
+    assert h.observation() is None  # nothing to say before the first probe
     assert h.record(result(True), NOW) is None
     up = h.record(result(True), NOW + 1)
     assert up is not None and (up.old, up.new) == (UNKNOWN, UP)
     assert h.record(result(False), NOW + 2) is None  # still up: fall is 2
     assert h.last_fail == NOW + 2
-    observation = h.observation("mx2", NOW + 2)
+    observation = h.observation()
+    assert observation is not None
     assert observation.state is UP and observation.last_fail == NOW + 2
     assert aggregate(T, [observation], NOW + 2, RULES).state is DOWN  # down_grace
     assert h.delay(interval=10, down_interval=3) > 5
+
+
+def test_own_observation_goes_stale_when_probing_stops() -> None:
+    """Stamped with the last probe, not the time it is read: a stalled prober's view
+    drops out after stale_after like any other node's."""
+    h = Hysteresis(T, "mx2", rise=1, fall=1)
+    h.record(result(True), NOW)
+    observation = h.observation()
+    assert observation is not None and observation.observed_at == NOW
+    assert aggregate(T, [observation], NOW + 30, RULES).state is UP
+    assert aggregate(T, [observation], NOW + RULES.stale_after + 1, RULES).state is UNKNOWN
+
+
+def test_a_restart_remembers_a_failure_within_down_grace() -> None:
+    before = obs("mx2", DOWN, last_fail_ago=300)
+    h = Hysteresis(T, "mx2", rise=1, fall=1)
+    h.remember(before)
+    h.record(result(True), NOW)
+    observation = h.observation()
+    assert observation is not None and observation.state is UP
+    assert observation.last_fail == NOW - 300
+    assert aggregate(T, [observation], NOW, RULES).state is DOWN

@@ -33,6 +33,7 @@ def run_probe(target: Target, mode: ProbeMode, timeout: float = 1.0) -> ProbeCla
     (Behaviour.BUSY, ProbeMode.EHLO, ProbeClass.BAD_GREETING),
     (Behaviour.SILENT, ProbeMode.BANNER, ProbeClass.TIMEOUT),
     (Behaviour.HANGUP, ProbeMode.BANNER, ProbeClass.CLOSED),
+    (Behaviour.RAMBLE, ProbeMode.BANNER, ProbeClass.ERROR),
 ])
 def test_probe_classes(behaviour: Behaviour, mode: ProbeMode, want: ProbeClass) -> None:
     with FakePrimary(behaviour=behaviour) as mx1:
@@ -131,3 +132,23 @@ def test_thousands_of_silent_targets_are_probed_concurrently() -> None:
         prober.stop()
         for s in listeners:
             s.close()
+
+
+def test_a_broken_primary_never_stops_the_prober() -> None:
+    """A greeting longer than the stream's line limit used to end the probe task."""
+    with FakePrimary(behaviour=Behaviour.RAMBLE) as mx1:
+        target = Target(mx1.host, mx1.port)
+        prober = Prober(fast_config(), lambda: [target], None)
+        prober.start()
+        try:
+            seen: set[float] = set()
+
+            def probed_three_times() -> bool:
+                seen.update(o.observed_at for o in prober.own_observations())
+                return len(seen) >= 3
+
+            assert wait_for(probed_three_times)
+            [observation] = prober.own_observations()
+            assert observation.state is State.DOWN and observation.detail.startswith("error")
+        finally:
+            prober.stop()
