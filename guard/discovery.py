@@ -69,9 +69,10 @@ class MxResolver:
             self._resolver.port = config.port
         else:
             self._resolver = dns.resolver.Resolver()
-        # One lookup, all servers and retries included, fits in `lifetime`.
+        # One lookup, all servers included, fits in `lifetime`; each server gets its
+        # share, so a dead first server does not use up the whole lifetime.
         self._resolver.lifetime = config.lifetime
-        self._resolver.timeout = config.lifetime
+        self._resolver.timeout = config.lifetime / max(1, len(self._resolver.nameservers))
 
     def _query(self, name: str, rdtype: str) -> _Answer | None:
         """None means "no such records" (NOERROR, no answer)."""
@@ -92,10 +93,13 @@ class MxResolver:
         rrset = answer.rrset
         if rrset is None:
             return None
-        values = tuple(r.to_text() for r in rrset)
-        if rdtype in ("A", "AAAA"):
-            values = tuple(normalize_address(v) for v in values)
-        return _Answer(values, float(rrset.ttl))
+        if rdtype == "MX":
+            # "preference exchange", the exchange as an absolute name; "0 ." is null MX.
+            values = tuple(f"{r.preference} {r.exchange.to_text()}" for r in rrset)
+        else:
+            values = tuple(normalize_address(r.to_text()) for r in rrset)
+        # Through a CNAME chain the answer lives as long as its shortest link.
+        return _Answer(values, float(answer.chaining_result.minimum_ttl))
 
     def addresses(self, host: str) -> tuple[tuple[str, ...], float]:
         """A and AAAA of a host, with the smaller TTL; a missing family is no error."""

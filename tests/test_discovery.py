@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Iterator
 
@@ -168,3 +169,13 @@ def test_configured_hosts_without_addresses_are_resolved(dns_server: FakeDNS) ->
     assert directory.targets() == {Target("192.0.2.1"), Target("2001:db8::1")}
     # Our own entry is never looked up: we do not probe ourselves.
     assert dns_server.queries("mx2.example.org", "A") == 0
+
+
+def test_a_dead_first_nameserver_leaves_time_for_the_next(dns_server: FakeDNS) -> None:
+    """Each server gets its share of the lifetime: a silent first one costs half."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as dead:
+        dead.bind(("127.0.0.2", dns_server.port))  # receives, never answers
+        config = DnsConfig(nameservers=("127.0.0.2", "127.0.0.1"), port=dns_server.port,
+                           lifetime=0.4, min_ttl=1.0)
+        mxset = MxResolver(config).lookup("example.org")
+    assert mxset.source is MxSource.DNS
