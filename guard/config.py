@@ -183,9 +183,36 @@ def _milter_socket(value: Any) -> str:
     kind, _, rest = text.partition(":")
     if kind in ("unix", "local") and rest.startswith("/"):
         return text
-    if kind in ("inet", "inet6") and re.match(r"^\d+(@.+)?$", rest):
+    port = re.match(r"^(\d+)(@.+)?$", rest)
+    if kind in ("inet", "inet6") and port and 0 < int(port.group(1)) < 65536:
         return text
     raise ValueError(f"must be unix:/path or inet:PORT@ADDRESS, got {text!r}")
+
+
+_NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+
+
+def _node(value: Any) -> str:
+    # It goes into header values, log lines and store keys: keep it a plain token.
+    text = _string(value)
+    if not _NODE.match(text):
+        raise ValueError(f"must be 1-63 letters, digits, '.', '_' or '-', got {text!r}")
+    return text
+
+
+def _hostname(value: Any) -> str:
+    text = _string(value)
+    if text and not _HOSTNAME.match(text):
+        raise ValueError(f"not a host name, got {text!r}")
+    return text
+
+
+def _whole_seconds(value: Any) -> float:
+    seconds = _duration(value)
+    if seconds < 1 or seconds != int(seconds):
+        raise ValueError(f"must be whole seconds (libmilter counts in seconds), got {value!r}")
+    return seconds
 
 
 def _store_url(value: Any) -> str:
@@ -237,12 +264,12 @@ def _setting(default: Any, parse: Parser, doc: str = "") -> Any:
 @dataclass(frozen=True)
 class MilterConfig:
     socket: str = _setting("unix:/run/mx-guard/guard.sock", _milter_socket)
-    timeout: float = _setting(parse_duration("10s"), _duration, "MTA I/O timeout")
+    timeout: float = _setting(parse_duration("10s"), _whole_seconds, "MTA I/O timeout")
 
 
 @dataclass(frozen=True)
 class SelfConfig:
-    node: str = _setting(socket.gethostname, _string)
+    node: str = _setting(lambda: socket.gethostname().split(".")[0] or "mx-guard", _node)
     names: tuple[str, ...] = _setting((), _list_of(_string))
     addresses: tuple[str, ...] = _setting((), _list_of(_address))
 
@@ -279,7 +306,7 @@ class ProbeConfig:
     fall: int = _setting(2, _integer(1, 100))
     quorum: int = _setting(1, _integer(1, 100))
     concurrency: int = _setting(256, _integer(1, 100000))
-    helo: str = _setting("", _string, "EHLO name; empty: the first of self.names or node")
+    helo: str = _setting("", _hostname, "EHLO name; empty: the first of self.names or node")
 
 
 @dataclass(frozen=True)
@@ -454,6 +481,37 @@ def _read_domain(raw: Any, where: str, me: SelfIdentity) -> DomainConfig:
     return DomainConfig(name, hosts, action)
 
 
+PROBE_JITTER = 0.1  # the prober spreads probes by up to this fraction of an interval
+
+
+def _check_together(
+    sections: Mapping[str, Any], domains: tuple[DomainConfig, ...], me: SelfConfig, path: str
+) -> None:
+    """Keys that are fine alone but wrong together."""
+    probe = sections.get("probe", ProbeConfig())
+    policy = sections.get("policy", PolicyConfig())
+    store = sections.get("store", StoreConfig())
+    dns = sections.get("dns", DnsConfig())
+    # An observation must outlive the gap to the next one, or a node's "down" would
+    # expire between two probes and the others would call the primary up.
+    gap = max(probe.interval, probe.down_interval) * (1 + PROBE_JITTER) \
+        + probe.timeout + store.refresh
+    if policy.stale_after <= gap:
+        raise ConfigError(
+            f"{path}: [policy] stale_after ({policy.stale_after:g}s) must be longer than "
+            f"the longest gap between two observations ({gap:g}s: the longer of [probe] "
+            "interval and down_interval, plus 10% jitter, timeout and [store] refresh)"
+        )
+    if dns.min_ttl > dns.max_ttl:
+        raise ConfigError(f"{path}: [dns] min_ttl ({dns.min_ttl:g}s) is longer than "
+                          f"max_ttl ({dns.max_ttl:g}s)")
+    if any(d.from_dns for d in domains) and not (me.names or me.addresses):
+        raise ConfigError(
+            f"{path}: [self] names and addresses are both empty, so this host can never "
+            "be found in an MX set from DNS and no domain would be guarded"
+        )
+
+
 def parse_config(data: Mapping[str, Any], path: str = "<string>") -> Config:
     sections: dict[str, Any] = {}
     for key, table in data.items():
@@ -472,14 +530,7 @@ def parse_config(data: Mapping[str, Any], path: str = "<string>") -> Config:
         _read_domain(d, f"{path}: [[domain]] #{i + 1}", me.identity)
         for i, d in enumerate(raw_domains)
     )
-    probe = sections.get("probe", ProbeConfig())
-    policy = sections.get("policy", PolicyConfig())
-    if policy.stale_after <= probe.interval + probe.timeout:
-        raise ConfigError(
-            f"{path}: [policy] stale_after ({policy.stale_after:g}s) must be longer than "
-            f"[probe] interval + timeout ({probe.interval + probe.timeout:g}s), or every "
-            "observation would be stale before the next one arrives"
-        )
+    _check_together(sections, domains, me, path)
     seen: set[str] = set()
     for d in domains:
         if d.name in seen:

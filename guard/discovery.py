@@ -30,6 +30,7 @@ from guard.mxset import (
     higher_priority_hosts,
     normalize_address,
     normalize_host,
+    self_preference,
 )
 
 log = logging.getLogger("guard.discovery")
@@ -247,6 +248,9 @@ class MxDirectory:
         if old is None or old.hosts != outcome.hosts or old.source != outcome.source:
             hosts = ", ".join(f"{h.host}({h.preference})" for h in outcome.sorted_hosts())
             log.info("MX set of %s (%s): %s", name, outcome.source, hosts or "none")
+            if outcome.source is not MxSource.NULL and self_preference(outcome, self._me) is None:
+                log.warning("this host is not in the MX set of %s (check [self] names and "
+                            "addresses): its mail is not guarded", name)
         self._sets[name] = outcome
         self._next_try[name] = outcome.expires_at
 

@@ -18,7 +18,15 @@ SMTP_PORT = 25
 
 
 def normalize_host(name: str) -> str:
-    return name.strip().rstrip(".").lower()
+    """Lower case, no trailing dot, internationalised labels in their ASCII (xn--) form,
+    the form DNS answers and non-SMTPUTF8 senders use."""
+    name = name.strip().rstrip(".").lower()
+    if name.isascii():
+        return name
+    try:
+        return name.encode("idna").decode("ascii")
+    except UnicodeError:
+        return name  # not a valid name: it matches nothing we guard
 
 
 def ip_version(address: str) -> int:

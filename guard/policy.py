@@ -25,7 +25,14 @@ from enum import StrEnum
 
 from guard.config import Action, Config
 from guard.health import AggregationRules, HealthSnapshot, State, TargetHealth
-from guard.mxset import MxHost, MxSet, MxSource, higher_priority_hosts, self_preference
+from guard.mxset import (
+    MxHost,
+    MxSet,
+    MxSource,
+    higher_priority_hosts,
+    normalize_host,
+    self_preference,
+)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -121,8 +128,7 @@ def recipient_domain(recipient: str) -> str | None:
     local, at, domain = addr.rpartition("@")
     if not at or not local:
         return None
-    domain = domain.strip().rstrip(".").lower()
-    return domain or None
+    return normalize_host(domain) or None
 
 
 def is_trusted(conn: Connection, config: Config) -> bool:
@@ -150,9 +156,11 @@ def judge_host(
     return HostHealth(host, State.UNKNOWN, None, targets)
 
 
-def _soft(config: Config) -> Action:
-    """The action for an accepted-but-noteworthy verdict (flag_all adds the header)."""
-    return Action.FLAG if config.policy.flag_all else Action.ACCEPT
+def accept_or_flag(config: Config, action: Action = Action.ACCEPT) -> Action:
+    """Mail accepted for want of a bypass still gets the header when flag_all is on."""
+    if action is Action.ACCEPT and config.policy.flag_all:
+        return Action.FLAG
+    return action
 
 
 def decide(
@@ -175,7 +183,8 @@ def decide(
     if dom is None:
         return verdict(Action.ACCEPT, Reason.NOT_SECONDARY, "domain not configured")
     if mxset is None:
-        return verdict(config.policy.on_unknown, Reason.MX_UNKNOWN, "MX set not known yet")
+        return verdict(accept_or_flag(config, config.policy.on_unknown), Reason.MX_UNKNOWN,
+                       "MX set not known yet")
     if mxset.source is MxSource.NULL:
         return verdict(Action.ACCEPT, Reason.NOT_SECONDARY, "domain has a null MX")
     me = config.me.identity
@@ -195,11 +204,13 @@ def decide(
 
     down = [h for h in judged if h.state is State.DOWN]
     if down:
-        return verdict(_soft(config), Reason.PRIMARY_DOWN, detail, primary=down[0], hosts=judged)
+        return verdict(accept_or_flag(config), Reason.PRIMARY_DOWN, detail, primary=down[0],
+                       hosts=judged)
     up = [h for h in judged if h.state is State.UP]
     if up:
         return verdict(config.action_for(dom), Reason.BYPASS, detail, primary=up[0], hosts=judged)
     if all(h.state is None for h in judged):
-        return verdict(_soft(config), Reason.UNREACHABLE,
+        return verdict(accept_or_flag(config), Reason.UNREACHABLE,
                        f"no higher-priority host has an IPv{family} address", hosts=judged)
-    return verdict(config.policy.on_unknown, Reason.HEALTH_UNKNOWN, detail, hosts=judged)
+    return verdict(accept_or_flag(config, config.policy.on_unknown), Reason.HEALTH_UNKNOWN,
+                   detail, hosts=judged)

@@ -92,6 +92,15 @@ BAD = [
      "configured twice"),
     ("stale_after shorter than the probe interval",
      '[policy]\nstale_after = "5s"\n[probe]\ninterval = "10s"', "stale_after"),
+    ("stale_after shorter than down_interval",
+     '[policy]\nstale_after = "60s"\n[probe]\ndown_interval = "2m"', "longest gap"),
+    ("node with a space", '[self]\nnode = "mx 2"', "[self] node: must be 1-63 letters"),
+    ("helo with CRLF", '[probe]\nhelo = "a\\r\\nRSET"', "[probe] helo: not a host name"),
+    ("sub-second milter timeout", '[milter]\ntimeout = "500ms"', "must be whole seconds"),
+    ("milter port zero", '[milter]\nsocket = "inet:0@127.0.0.1"', "must be unix:/path"),
+    ("min_ttl above max_ttl", '[dns]\nmin_ttl = "2h"', "min_ttl (7200s) is longer"),
+    ("DNS domains without any self", '[self]\nnode = "mx2"\n[[domain]]\nname = "a.example"',
+     "[self] names and addresses are both empty"),
     ("not toml", "[policy\n", "not valid TOML"),
 ]
 

@@ -61,6 +61,10 @@ def config(policy: dict[str, Any] | None = None, probe: dict[str, Any] | None = 
                 {"host": "mx1.example.org", "preference": 20, "addresses": [MX1_V4]},
                 {"host": "mx2.example.org", "preference": 30},
             ]},
+            {"name": "bücher.example", "mx": [
+                {"host": "mx1.example.org", "preference": 10, "addresses": [MX1_V4]},
+                {"host": "mx2.example.org", "preference": 20},
+            ]},
             {"name": "byaddress.example", "mx": [
                 {"host": "mx1.example.org", "preference": 10, "addresses": [MX1_V4]},
                 {"host": "backup.example.net", "preference": 20, "addresses": ["198.51.100.2"]},
@@ -180,6 +184,10 @@ ROWS = [
     Row("three tiers: tier 10 unknown, tier 20 up", Action.TEMPFAIL, Reason.BYPASS,
         domain="tier30.example", observations=[obs(MX1_V4, UP)]),
     Row("two addresses both up", Action.TEMPFAIL, Reason.BYPASS, domain="twoaddr.example"),
+    Row("IDN domain, ASCII form in RCPT", Action.TEMPFAIL, Reason.BYPASS,
+        domain="xn--bcher-kva.example"),
+    Row("on_unknown accept with flag_all flags", Action.FLAG, Reason.HEALTH_UNKNOWN,
+        observations=[], policy={"on_unknown": "accept", "flag_all": True}),
     Row("client address missing", Action.ACCEPT, Reason.CLIENT_UNKNOWN, client=None),
 ]
 
@@ -222,6 +230,8 @@ def test_header_value_names_reason_domain_primary_client_and_node() -> None:
     ("<postmaster>", None),
     ("<>", None),
     ("<@example.org>", None),
+    ("<user@Bücher.Example>", "xn--bcher-kva.example"),
+    ("<user@" + "ü" * 70 + ".example>", "ü" * 70 + ".example"),  # not IDNA: kept, unguarded
 ])
 def test_recipient_domain(raw: str, want: str | None) -> None:
     assert recipient_domain(raw) == want
