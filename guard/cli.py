@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.handlers
+import queue
 import signal
 import sys
 import threading
@@ -34,12 +36,54 @@ EXIT_BAD_INPUT = 1
 log = logging.getLogger("guard")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
+def block_stop_signals() -> None:
+    """Block the stop signals in this thread and every thread it starts from now on.
+
+    libmilter waits for them in a thread of its own (sigwait); any other thread that
+    left them unblocked would take the signal instead and die by its default action,
+    without draining connections. Call before any thread starts.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+LOG_QUEUE_MAX = 10000  # records waiting for the writer before new ones are dropped
+
+
+class DroppingQueueHandler(logging.handlers.QueueHandler):
+    """Hands records to a writer thread; drops them when it falls behind.
+
+    A milter callback that logs must never wait on a slow log sink (a stalled
+    journald would block every callback): losing a log line beats holding mail.
+    """
+
+    def __init__(self, queue: queue.Queue[logging.LogRecord]) -> None:
+        super().__init__(queue)
+        self.dropped = 0
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+
+def _setup_logging(level: str, background: bool) -> logging.handlers.QueueListener | None:
+    """Log to stderr; for the long-running commands, from a writer thread."""
+    writer = logging.StreamHandler(sys.stderr)
+    writer.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.setLevel(getattr(logging, level.upper()))
+    if not background:
+        root.addHandler(writer)
+        return None
+    records: queue.Queue[logging.LogRecord] = queue.Queue(LOG_QUEUE_MAX)
+    root.addHandler(DroppingQueueHandler(records))
+    listener = logging.handlers.QueueListener(records, writer)
+    listener.start()
+    return listener
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -48,20 +92,20 @@ def _load(args: argparse.Namespace) -> Config:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
-    open_store(config).close()  # the store URL is parsed here; nothing is contacted
+    store = open_store(config)  # the store URL is parsed here; nothing is contacted
+    store.close()
     dns = sum(1 for d in config.domains if d.from_dns)
     print(f"{config.path}: ok ({len(config.domains)} domain(s), {dns} from DNS, "
-          f"store {config.store.url.split('@')[-1]}, action {config.policy.action})")
+          f"store {store.description}, action {config.policy.action})")
     return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     # libmilter is loaded only by the commands that need it.
-    from guard.milter import block_stop_signals, serve
+    from guard.milter import serve
     from guard.service import Guard
 
     config = _load(args)
-    block_stop_signals()
     guard = Guard(config)
     guard.start()
     try:
@@ -115,8 +159,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
     conn = Connection(client, args.helo, args.authenticated, time.time())
     verdict = decide(conn, domain, directory.get(domain), view.snapshot, config)
     if args.json:
-        sys.stdout.write(to_json(verdict_data(verdict, config.me.node, view.source)))
+        data = verdict_data(verdict, config.me.node, view.source)
+        sys.stdout.write(to_json({**data, "from": args.sender}))
     else:
+        # The sender is shown for the record; the decision does not depend on it.
+        sys.stdout.write(f"client:  {client}\nfrom:    <{args.sender}>\n")
         sys.stdout.write(render_verdict(verdict, config.me.node, view.source))
     return EXIT_OK
 
@@ -171,7 +218,9 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
+    if args.command == "run":
+        block_stop_signals()  # before the log writer thread starts
+    listener = _setup_logging(args.log_level, background=args.command in ("run", "probe"))
     try:
         return COMMANDS[args.command](args)
     except ConfigError as e:
@@ -180,6 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoreError as e:
         print(f"mx-guard: store: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        if listener is not None:
+            listener.stop()  # writes out what is still queued
 
 
 if __name__ == "__main__":

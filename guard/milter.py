@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import signal
 import socket
 import time
 from collections.abc import Callable
@@ -248,19 +247,6 @@ class GuardMilter(Milter.Base):  # type: ignore[misc]
             verdict.action, verdict.reason, f" note={note}" if note else "",
             printable(verdict.detail, 400),
         )
-
-
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-
-
-def block_stop_signals() -> None:
-    """Block the stop signals in this thread and every thread it starts from now on.
-
-    libmilter waits for them in a thread of its own (sigwait); a thread that left them
-    unblocked would take the signal instead and die by its default action, without
-    draining connections. Call before starting any thread.
-    """
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
 
 def serve(guard: Guard) -> None:

@@ -21,7 +21,8 @@ from guard.policy import Verdict, iso_time
 from guard.probes import probe
 from guard.store.base import Store, StoreError
 
-PROBED_NOW = "probed now from this host (the memory store is private to the running guard)"
+PROBED_NOW = ("probed once now from this host: the memory store is private to the running "
+              "guard, so failures within down_grace and rise/fall are not known here")
 
 
 @dataclass(frozen=True)
@@ -29,19 +30,23 @@ class HealthView:
     snapshot: HealthSnapshot
     source: str
     history: tuple[Transition, ...]
+    store: str  # where the store is, password masked
 
 
 def gather_health(config: Config, store: Store, directory: MxDirectory) -> HealthView:
     now = time.time()
     if config.store.url.startswith("memory://"):
-        return HealthView(_probe_now(config, directory, now), PROBED_NOW, ())
+        return HealthView(_probe_now(config, directory, now), PROBED_NOW, (),
+                          store.description)
     try:
         observations = store.observations()
         history = tuple(store.history(20))
     except StoreError as e:
-        return HealthView(HealthSnapshot(), f"store {store.description} unreachable: {e}", ())
+        return HealthView(HealthSnapshot(), f"store {store.description} unreachable: {e}", (),
+                          store.description)
     return HealthView(
-        HealthSnapshot.build(observations, now, "store"), f"store {store.description}", history
+        HealthSnapshot.build(observations, now, "store"), f"store {store.description}",
+        history, store.description,
     )
 
 
@@ -102,8 +107,7 @@ def status_data(config: Config, directory: MxDirectory, view: HealthView) -> dic
         domains.append(entry)
     return {
         "node": config.me.node,
-        "store": config.store.url.split("@")[-1] if "@" in config.store.url
-        else config.store.url,
+        "store": view.store,
         "health_source": view.source,
         "time": now,
         "domains": domains,

@@ -33,7 +33,7 @@ def test_explain_bypass_with_the_primary_up(tmp_path: Path) -> None:
     assert "action:  tempfail" in done.stdout
     assert "reason:  bypass" in done.stdout
     assert f"127.0.0.1:{mx1.port} up" in done.stdout
-    assert "probed now from this host" in done.stdout
+    assert "probed once now from this host" in done.stdout
     data = json.loads(flagged.stdout)
     assert (data["action"], data["reason"]) == ("flag", "bypass")
     assert data["header"].startswith("bypass; domain=flagged.example; primary=mx1.example.org")

@@ -184,7 +184,7 @@ def test_unit_has_the_promised_hardening() -> None:
         "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6", "LockPersonality": "yes",
         "MemoryDenyWriteExecute": "yes", "CapabilityBoundingSet": "",
         "ProtectKernelTunables": "yes", "ProtectKernelModules": "yes",
-        "ProtectKernelLogs": "yes", "Restart": "on-failure",
+        "ProtectKernelLogs": "yes", "Restart": "always",
         "ReadWritePaths": "-/var/spool/postfix/mx-guard", "RuntimeDirectory": "mx-guard",
     }
     for key, value in want.items():
