@@ -198,9 +198,6 @@ class MxDirectory:
     def get(self, domain: str) -> MxSet | None:
         return self._sets.get(domain)
 
-    def all(self) -> dict[str, MxSet]:
-        return dict(self._sets)
-
     def targets(self) -> set[Target]:
         """Every target of every higher-priority host of every known MX set."""
         out: set[Target] = set()

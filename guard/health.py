@@ -34,10 +34,6 @@ class Target:
     address: str
     port: int = 25
 
-    @property
-    def family(self) -> int:
-        return 6 if ":" in self.address else 4
-
     def __str__(self) -> str:
         if ":" in self.address:
             return f"[{self.address}]:{self.port}"

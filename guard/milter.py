@@ -57,7 +57,7 @@ def nocallback(func: F) -> F:
 # negotiation (no macro lists, no "no reply" steps); negotiate() below asks directly.
 MACROS_WANTED = {
     Milter.M_CONNECT: "{client_addr}",
-    Milter.M_ENVFROM: "{auth_authen} i",
+    Milter.M_ENVFROM: "{auth_authen}",
     Milter.M_ENVRCPT: "i",
     Milter.M_EOM: "i",
 }
@@ -184,19 +184,21 @@ class GuardMilter(Milter.Base):  # type: ignore[misc]
     @fail_open
     def eom(self) -> int:
         try:
+            # Decisions are logged first: a header change the MTA refuses must not
+            # cost the log its record of what was decided.
+            queue_id = self._macro("i") or NO_QUEUE_ID
+            for d in self.decisions:
+                self._log(queue_id, d.recipient, d.verdict)
             name = self.guard.config.policy.header
             # Highest index first, so the indexes still to delete do not shift.
             for index in range(self.forged_headers, 0, -1):
                 self.chgheader(name, index, "")
             if self.forged_headers:
-                log.info("conn=%s removed %d forged %s header(s)", self.conn_id,
-                         self.forged_headers, name)
+                log.info("%s: conn=%s removed %d forged %s header(s)", printable(queue_id, 32),
+                         self.conn_id, self.forged_headers, name)
             flagged = [d.verdict for d in self.decisions if d.verdict.adds_header]
             if flagged:
                 self.addheader(name, self._header_value(flagged))
-            queue_id = self._macro("i") or NO_QUEUE_ID
-            for d in self.decisions:
-                self._log(queue_id, d.recipient, d.verdict)
         finally:
             self._reset()
         return CONTINUE
@@ -252,11 +254,11 @@ class GuardMilter(Milter.Base):  # type: ignore[misc]
 def serve(guard: Guard) -> None:
     """Run the milter until libmilter stops (SIGTERM, SIGINT or SIGHUP)."""
     socket_spec = guard.config.milter.socket
+    # The MTA's group must reach a Unix socket (and a directory we make); nobody else.
+    os.umask(0o007)
     kind, _, path = socket_spec.partition(":")
     if kind in ("unix", "local"):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    # The MTA's group must reach a Unix socket; nobody else.
-    os.umask(0o007)
     Milter.factory = lambda: GuardMilter(guard)
     Milter.set_exception_policy(Milter.CONTINUE)
     log.info("milter listening on %s", socket_spec)

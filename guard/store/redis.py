@@ -19,7 +19,9 @@ Contracts: ``publish`` and ``observations`` are one round trip each. Every call 
 bounded: socket and connect timeouts are the store timeout, redis-py's own retries are
 off, and a call is retried at most once, only after a connection error that came fast
 (a socket the server closed, a master demoted by a failover), never after a timeout, so
-no call waits much longer than twice the timeout. Any fault becomes ``StoreError``.
+no call waits much longer than twice the timeout. Behind Sentinel a new connection
+first asks the sentinels, one after another, for the master: with N sentinels frozen
+that adds up to N timeouts per try. Any fault becomes ``StoreError``.
 URLs: ``redis://``, ``rediss://`` (TLS; ``ssl_*`` query options as in redis-py),
 ``unix:///path/redis.sock?db=0`` and
 ``redis+sentinel://[user:password@]host:port[,host:port]/service[/db]``.
@@ -245,6 +247,8 @@ class RedisStore:
         self._sentinel: Sentinel | None = None
         self._redis = self._connect(url, timeout)
         self._pubsub: PubSub | None = None
+        # (field, raw value) -> decoded, from the last read
+        self._decoded: dict[tuple[str, str], tuple[Observation, float]] = {}
         self._wait_lock = threading.Lock()
         self._closed = False
 
@@ -389,17 +393,26 @@ class RedisStore:
 
         hashes = self._call("read observations", run)
         newest: dict[str, Observation] = {}
+        # Most entries are unchanged since the last read: decoding JSON for thousands
+        # of them every second would compete with the milter threads for the GIL.
+        known, decoded = self._decoded, {}
         # Oldest hour first, so a later write of the same (target, node) wins, as a
         # later HSET does within one hour.
         for entries in hashes:
             for field, value in entries.items():
-                try:
-                    obs, expires = _decode(field, value)
-                except (ValueError, KeyError, TypeError) as e:
-                    log.debug("skipping a malformed observation %r: %s", field, e)
-                    continue
+                key = (field, value)  # the value alone does not name target and node
+                cached = known.get(key)
+                if cached is None:
+                    try:
+                        cached = _decode(field, value)
+                    except (ValueError, KeyError, TypeError) as e:
+                        log.debug("skipping a malformed observation %r: %s", field, e)
+                        continue
+                decoded[key] = cached
+                obs, expires = cached
                 if expires > now:
                     newest[field] = obs
+        self._decoded = decoded
         return list(newest.values())
 
     # -- history ----------------------------------------------------------------------
