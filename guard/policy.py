@@ -172,8 +172,10 @@ def decide(
 ) -> Verdict:
     client = str(conn.client) if conn.client is not None else ""
 
-    def verdict(action: Action, reason: Reason, detail: str, **kw: object) -> Verdict:
-        return Verdict(action, reason, detail, domain, client, **kw)  # type: ignore[arg-type]
+    def verdict(action: Action, reason: Reason, detail: str,
+                primary: HostHealth | None = None, hosts: tuple[HostHealth, ...] = ()
+                ) -> Verdict:
+        return Verdict(action, reason, detail, domain, client, primary, hosts)
 
     if is_trusted(conn, config):
         why = "authenticated" if conn.authenticated and config.policy.trust_authenticated \
