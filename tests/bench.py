@@ -29,9 +29,10 @@ from guard.health import HealthSnapshot, Observation, State, Target
 from guard.mxset import MxSet
 from guard.policy import Connection, client_address, decide
 from tests.e2e.postfix import PostfixMTA
-from tests.e2e.smtp import MilterProcess, SmtpSink, make_socket_dir, send
+from tests.e2e.smtp import MilterProcess, make_socket_dir, send
 from tests.fakeprimary import FakePrimary
 from tests.guardproc import GuardProcess, guard_toml
+from tests.smtpserver import SmtpSink
 
 ROUNDS = 6
 PER_ROUND = 25

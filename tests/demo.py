@@ -33,10 +33,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.e2e.postfix import POSTCONF, PostfixMTA, check_postfix_tools
-from tests.e2e.smtp import HarnessError, SmtpSink, send
+from tests.e2e.smtp import HarnessError, send
 from tests.fakeprimary import FakePrimary
 from tests.guardproc import GuardProcess, guard_toml
 from tests.redis_server import RedisServer, redis_server_available
+from tests.smtpserver import SmtpSink
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

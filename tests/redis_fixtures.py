@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from typing import TypeVar
 
 import pytest
 
 from tests.redis_server import RedisServer, SentinelCluster, redis_server_available
+
+R = TypeVar("R", RedisServer, SentinelCluster)
 
 
 def _require_redis() -> None:
@@ -19,16 +22,20 @@ def _require_redis() -> None:
         pytest.fail("redis-server is not installed: run `make test-deps` (apt: redis-server)")
 
 
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    """A running redis-server on a free loopback port, with a Unix socket, no password."""
-    _require_redis()
-    server = RedisServer()
+def _running(server: R) -> Iterator[R]:
+    """Start *server* for the test; close it afterwards, even if it failed to start."""
     try:
         server.start()
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A running redis-server on a free loopback port, with a Unix socket, no password."""
+    _require_redis()
+    yield from _running(RedisServer())
 
 
 @pytest.fixture
@@ -37,21 +44,11 @@ def tls_redis_server() -> Iterator[RedisServer]:
     _require_redis()
     if shutil.which("openssl") is None:
         pytest.fail("openssl is not installed: run `make test-deps` (apt: openssl)")
-    server = RedisServer(tls=True, unix_socket=False)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
+    yield from _running(RedisServer(tls=True, unix_socket=False))
 
 
 @pytest.fixture
 def sentinel_cluster() -> Iterator[SentinelCluster]:
     """A master, a replica and one sentinel (down-after 500 ms)."""
     _require_redis()
-    cluster = SentinelCluster(sentinels=1)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.close()
+    yield from _running(SentinelCluster(sentinels=1))

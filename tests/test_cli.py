@@ -7,8 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.fakeprimary import FakePrimary, free_port
+from tests.fakeprimary import FakePrimary
 from tests.guardproc import ROOT, guard_toml
+from tests.smtpserver import free_port
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

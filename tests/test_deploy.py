@@ -48,12 +48,13 @@ from guard.store.redis import RedisStore
 from tests.demo import ACL_FILE, ChrootedPostfix, acl_file, make_socket_dir, snippet_settings
 from tests.e2e.postfix import check_postfix_tools
 from tests.e2e.sendmail import M4, SendmailMTA, sendmail_paths
-from tests.e2e.smtp import HarnessError, SmtpSink, send
+from tests.e2e.smtp import HarnessError, send
 from tests.e2e.smtp import make_socket_dir as make_run_dir
 from tests.fakeprimary import FakePrimary
 from tests.guardproc import ROOT, GuardProcess, guard_toml
 from tests.milterclient import AddHeader, MilterClient
 from tests.redis_server import RedisServer, redis_server_available
+from tests.smtpserver import SmtpSink
 
 DEPLOY = ROOT / "deploy"
 UNIT = DEPLOY / "systemd" / "mx-guard.service"

@@ -19,7 +19,7 @@ from guard.discovery import (
 )
 from guard.health import HealthSnapshot, Observation, State, Target
 from guard.mxset import MxSource
-from guard.policy import Connection, Reason, client_address, decide
+from guard.policy import Connection, Reason, Verdict, client_address, decide
 from tests.fakedns import Behaviour, FakeDNS
 
 ZONE = [
@@ -131,29 +131,27 @@ def test_directory_caches_by_ttl_and_keeps_the_last_good_set(
     assert new is not None and [h.preference for h in new.sorted_hosts()] == [10, 30]
 
 
-def test_a_failed_first_lookup_never_looks_like_a_bypass(dns_server: FakeDNS) -> None:
-    dns_server.set_behaviour("example.org", Behaviour.SILENT)
-    config = config_with(dns_server)
+def decide_for_a_stranger(config: Config) -> Verdict:
+    """The decision for an untrusted client's recipient at example.org, with mx1
+    (192.0.2.1) up, on the MX set a fresh MxDirectory finds in DNS."""
     directory = MxDirectory(config, MxResolver(config.dns))
     directory.refresh_due()
     now = time.time()
     snapshot = HealthSnapshot.build(
         [Observation(Target("192.0.2.1"), "mx2", State.UP, now - 60, now)], now, "test")
     conn = Connection(client_address("203.0.113.7"), "", False, now)
-    verdict = decide(conn, "example.org", directory.get("example.org"), snapshot, config)
+    return decide(conn, "example.org", directory.get("example.org"), snapshot, config)
+
+
+def test_a_failed_first_lookup_never_looks_like_a_bypass(dns_server: FakeDNS) -> None:
+    dns_server.set_behaviour("example.org", Behaviour.SILENT)
+    verdict = decide_for_a_stranger(config_with(dns_server))
     assert verdict.reason is Reason.MX_UNKNOWN
     assert verdict.action is Action.FLAG  # on_unknown, never the bypass action
 
 
 def test_dns_mx_set_drives_the_decision(dns_server: FakeDNS) -> None:
-    config = config_with(dns_server)
-    directory = MxDirectory(config, MxResolver(config.dns))
-    directory.refresh_due()
-    now = time.time()
-    snapshot = HealthSnapshot.build(
-        [Observation(Target("192.0.2.1"), "mx2", State.UP, now - 60, now)], now, "test")
-    conn = Connection(client_address("203.0.113.7"), "", False, now)
-    verdict = decide(conn, "example.org", directory.get("example.org"), snapshot, config)
+    verdict = decide_for_a_stranger(config_with(dns_server))
     assert (verdict.action, verdict.reason) == (Action.TEMPFAIL, Reason.BYPASS)
 
 

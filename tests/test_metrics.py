@@ -6,9 +6,10 @@ import re
 import urllib.request
 from pathlib import Path
 
-from tests.fakeprimary import FakePrimary, free_port
+from tests.fakeprimary import FakePrimary
 from tests.guardproc import GuardProcess, guard_toml
 from tests.milterclient import MilterClient
+from tests.smtpserver import free_port
 
 
 def scrape(port: int) -> str:

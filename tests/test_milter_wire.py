@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakeprimary import FakePrimary, free_port
+from tests.fakeprimary import FakePrimary
 from tests.guardproc import GuardProcess, guard_toml
 from tests.milterclient import AddHeader, ChangeHeader, MilterClient, MilterClosed, Reply
+from tests.smtpserver import free_port
 
 BUDGET = 0.25  # seconds a callback may take (SPEC section 4)
 SPAMMER = "203.0.113.7"

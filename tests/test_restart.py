@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.fakeprimary import FakePrimary, free_port
+from tests.fakeprimary import FakePrimary
 from tests.guardproc import GuardProcess, guard_toml
 from tests.milterclient import MilterClient
 from tests.redis_server import RedisServer
+from tests.smtpserver import free_port
 
 
 def rcpt(socket: str) -> str:

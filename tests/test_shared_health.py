@@ -40,10 +40,11 @@ import pytest
 
 from guard.health import Observation, State, Target, Transition
 from guard.store.redis import RedisStore
-from tests.fakeprimary import FakePrimary, free_port
+from tests.fakeprimary import FakePrimary
 from tests.guardproc import ROOT, GuardProcess, guard_toml
 from tests.milterclient import MilterClient, MilterError
 from tests.redis_server import RedisServer, SentinelCluster
+from tests.smtpserver import free_port
 
 BUDGET = 0.25  # seconds a callback may take (SPEC section 4)
 REFRESH = 0.2  # seconds: [store] refresh in guard_toml

@@ -3,7 +3,7 @@
 Fixtures (function-scoped; everything is stopped/removed at teardown):
 
     sink              SmtpSink started on a free 127.0.0.1 port (the MTAs' next hop)
-    fake_primary_mx   factory(port=None, **kw) -> started FakePrimaryMX
+    fake_primary_mx   factory(port=None, **kw) -> started FakePrimary (tests/fakeprimary.py)
     socket_dir        a short 0755 directory for milter sockets (smtp.make_socket_dir:
                       Postfix's smtpd runs as user postfix and must reach it;
                       Sendmail refuses a socket below a world-writable dir like /tmp)
@@ -24,25 +24,24 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
+from tests.fakeprimary import FakePrimary
+from tests.smtpserver import SmtpSink
+
+from .mta import PrivateMTA
 from .postfix import PostfixMTA, check_postfix_tools
+from .scenarios import require_harness
 from .sendmail import SendmailMTA, sendmail_paths
-from .smtp import FakePrimaryMX, HarnessError, MilterProcess, SmtpSink, make_socket_dir
+from .smtp import MilterProcess, make_socket_dir
 
 PostfixFactory = Callable[..., PostfixMTA]
 SendmailFactory = Callable[..., SendmailMTA]
-FakeMXFactory = Callable[..., FakePrimaryMX]
+FakeMXFactory = Callable[..., FakePrimary]
 MilterFactory = Callable[..., MilterProcess]
-
-
-def _require(check: Callable[[], object]) -> None:
-    try:
-        check()
-    except HarnessError as exc:
-        pytest.fail(f"e2e MTA harness unavailable: {exc}", pytrace=False)
+M = TypeVar("M", bound=PrivateMTA)
 
 
 @pytest.fixture
@@ -53,10 +52,10 @@ def sink() -> Iterator[SmtpSink]:
 
 @pytest.fixture
 def fake_primary_mx() -> Iterator[FakeMXFactory]:
-    started: list[FakePrimaryMX] = []
+    started: list[FakePrimary] = []
 
-    def make(port: int | None = None, **kw: Any) -> FakePrimaryMX:
-        mx = FakePrimaryMX(port or 0, **kw)
+    def make(port: int | None = None, **kw: Any) -> FakePrimary:
+        mx = FakePrimary(port=port, **kw)
         started.append(mx)
         return mx.start()
 
@@ -72,36 +71,30 @@ def socket_dir() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture
-def postfix_mta(sink: SmtpSink) -> Iterator[PostfixFactory]:
-    _require(check_postfix_tools)
-    started: list[PostfixMTA] = []
+def _mtas(cls: type[M], sink: SmtpSink) -> Iterator[Callable[..., M]]:
+    started: list[M] = []
 
-    def make(milter: str | None = None, **kw: Any) -> PostfixMTA:
+    def make(milter: str | None = None, **kw: Any) -> M:
         kw.setdefault("next_hop", sink.address)
-        mta = PostfixMTA(milter, **kw)
+        mta = cls(milter, **kw)
         started.append(mta)
         return mta.start()
 
     yield make
     for mta in reversed(started):
         mta.stop()
+
+
+@pytest.fixture
+def postfix_mta(sink: SmtpSink) -> Iterator[PostfixFactory]:
+    require_harness(check_postfix_tools)
+    yield from _mtas(PostfixMTA, sink)
 
 
 @pytest.fixture
 def sendmail_mta(sink: SmtpSink) -> Iterator[SendmailFactory]:
-    _require(sendmail_paths)
-    started: list[SendmailMTA] = []
-
-    def make(milter: str | None = None, **kw: Any) -> SendmailMTA:
-        kw.setdefault("next_hop", sink.address)
-        mta = SendmailMTA(milter, **kw)
-        started.append(mta)
-        return mta.start()
-
-    yield make
-    for mta in reversed(started):
-        mta.stop()
+    require_harness(sendmail_paths)
+    yield from _mtas(SendmailMTA, sink)
 
 
 @pytest.fixture

@@ -14,28 +14,18 @@ says "hosts: files", so nothing in the instance can query a real DNS server.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import os
-import re
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .smtp import (
-    HarnessError,
-    free_port,
-    isolation,
-    require_root,
-    require_tool,
-    tail,
-    wait_for_banner,
-    wait_until,
-)
+from tests.smtpserver import free_port
+
+from .mta import PrivateMTA
+from .smtp import HarnessError, isolation, require_tool, wait_until
 
 POSTFIX = "/usr/sbin/postfix"
 POSTCONF = "/usr/sbin/postconf"
@@ -55,8 +45,6 @@ DEFAULT_MILTER_MACROS = {
     "milter_end_of_data_macros": "i",
 }
 
-KEEP_ENV = "MXGUARD_E2E_KEEP"  # set to 1 to keep the instance directory after stop()
-
 
 def check_postfix_tools() -> None:
     """HarnessError unless Postfix (as installed by install-mtas.sh) is there."""
@@ -68,19 +56,8 @@ def check_postfix_tools() -> None:
                            "run `sh tests/e2e/install-mtas.sh` as root")
 
 
-_RUNNING: set[PostfixMTA] = set()
-
-
-@atexit.register
-def _stop_leftovers() -> None:
-    """Stop instances a crashed or interrupted test run did not stop."""
-    for mta in list(_RUNNING):
-        with contextlib.suppress(Exception):
-            mta.stop()
-
-
-class PostfixMTA:
-    """A private Postfix secondary MX.  Use start()/stop() or ``with``.
+class PostfixMTA(PrivateMTA):
+    """A private Postfix secondary MX.  Use start()/stop() or ``with`` (see mta.py).
 
     milter: Postfix notation, "unix:/path/guard.sock" or "inet:127.0.0.1:PORT";
         None for no milter.  Several milters: pass a space-separated string.
@@ -99,6 +76,9 @@ class PostfixMTA:
         instance then serves several milter setups.  ``listener(name)`` gives
         its (host, port).
     """
+
+    NAME = "Postfix"
+    DEFAULT_MILTER_MACROS = DEFAULT_MILTER_MACROS
 
     def __init__(self, milter: str | None = None, *,
                  relay_domains: Sequence[str] = ("example.com",),
@@ -119,37 +99,24 @@ class PostfixMTA:
                  workdir: str | os.PathLike[str] | None = None,
                  start_timeout: float = 60.0,
                  isolate: bool = True):
-        self.milter = milter
+        super().__init__(milter, milter_macros=milter_macros, host=host, port=port,
+                         workdir=workdir, start_timeout=start_timeout)
         self.relay_domains = list(relay_domains)
         self.next_hop = next_hop
         self.transports = dict(transports or {})
         self.mynetworks = list(mynetworks)
-        self.host = host
-        self._port = port
         self.myhostname = myhostname
         self.milter_default_action = milter_default_action
         self.milter_timeouts = (milter_connect_timeout, milter_command_timeout,
                                 milter_content_timeout)
-        self.milter_macros = dict(DEFAULT_MILTER_MACROS, **(milter_macros or {}))
         self.sasl_users = dict(sasl_users or {})
         self.extra_main_cf = dict(main_cf or {})
         self.listeners = {name: dict(o) for name, o in (listeners or {}).items()}
         self._listener_ports: dict[str, int] = {}
-        self._workdir_arg = Path(workdir) if workdir else None
-        self.start_timeout = start_timeout
         self.isolate = isolate
-        self._workdir: Path | None = None
-        self._owns_workdir = False
-        self.running = False
+        self._started = False
 
     # ------------------------------------------------------------ paths
-    @property
-    def workdir(self) -> Path:
-        """The instance directory (exists from start() on)."""
-        if self._workdir is None:
-            raise HarnessError(f"{type(self).__name__} has not been started")
-        return self._workdir
-
     @property
     def config_dir(self) -> Path:
         return self.workdir / "etc"
@@ -163,19 +130,8 @@ class PostfixMTA:
         return self.workdir / "data"
 
     @property
-    def log_path(self) -> Path:
-        return self.workdir / "maillog"
-
-    @property
-    def port(self) -> int:
-        """The SMTP port (a free one is picked at start() unless given)."""
-        if self._port is None:
-            raise HarnessError(f"{type(self).__name__} has not been started")
-        return self._port
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return (self.host, self.port)
+    def running(self) -> bool:
+        return self._started
 
     def listener(self, name: str) -> tuple[str, int]:
         """(host, port) of the extra smtpd listener *name* (see ``listeners``)."""
@@ -326,7 +282,7 @@ class PostfixMTA:
                            stdin=subprocess.DEVNULL)
         if check and r.returncode:
             raise HarnessError(f"`{' '.join(cmd)}` failed ({r.returncode}):\n{r.stdout}{r.stderr}\n"
-                               f"--- maillog ---\n{tail(self.log_path)}")
+                               f"{self._diagnostics()}")
         return r
 
     def postconf(self, *args: str) -> str:
@@ -366,62 +322,21 @@ class PostfixMTA:
         except (OSError, ValueError, IndexError):
             return None
 
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def wait_for_log(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
-        rx = re.compile(pattern)
-        return wait_until(lambda: rx.search(self.log_text()), timeout,
-                          message=f"/{pattern}/ in {self.log_path}")
-
-    def start(self) -> PostfixMTA:
-        if self.running:
-            return self
-        require_root("PostfixMTA")
+    # ------------------------------------------------------------ lifecycle (mta.py)
+    def _check_installed(self) -> None:
         check_postfix_tools()
-        if self._workdir_arg:
-            self._workdir = self._workdir_arg
-            self._workdir.mkdir(parents=True, exist_ok=True)
-        else:
-            self._workdir = Path(tempfile.mkdtemp(prefix="mxguard-postfix-"))
-            self._owns_workdir = True
-        os.chmod(self.workdir, 0o755)  # postfix-owned daemons must traverse it
-        if self._port is None:
-            self._port = free_port(self.host)
+
+    def _launch(self) -> None:
         self._listener_ports = {name: free_port(self.host) for name in self.listeners}
         self._write_config()
-        self.running = True
-        _RUNNING.add(self)
-        try:
-            self._run("start")
-        except HarnessError:
-            self.stop()
-            raise
-        try:
-            wait_for_banner(self.host, self.port, self.start_timeout)
-        except TimeoutError as exc:
-            log = tail(self.log_path)
-            self.stop()
-            raise HarnessError(f"Postfix did not start listening on {self.host}:{self.port}: "
-                               f"{exc}\n--- maillog ---\n{log}") from None
+        self._started = True
+        self._run("start")
+        self._await_greeting(self.port, self.start_timeout, "Postfix")
         for name, port in self._listener_ports.items():
-            try:
-                wait_for_banner(self.host, port, 10)
-            except TimeoutError as exc:
-                log = tail(self.log_path)
-                self.stop()
-                raise HarnessError(f"Postfix listener {name!r} did not start on "
-                                   f"{self.host}:{port}: {exc}\n--- maillog ---\n{log}") from None
-        return self
+            self._await_greeting(port, 10, f"Postfix listener {name!r}")
 
-    def stop(self) -> None:
-        _RUNNING.discard(self)
-        if self._workdir is None:
-            return
-        if self.running:
+    def _shutdown(self) -> None:
+        if self._started:
             pid = self.master_pid()
             self._run("stop", check=False, timeout=60)
             if pid:
@@ -429,18 +344,7 @@ class PostfixMTA:
                     wait_until(lambda: not _alive(pid), 15, 0.1, "postfix master to exit")
                 except TimeoutError:
                     _kill_tree(pid)
-            self.running = False
-        if self._owns_workdir and not os.environ.get(KEEP_ENV):
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> PostfixMTA:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        return f"<PostfixMTA {self.host}:{self._port} milter={self.milter!r} dir={self._workdir}>"
+            self._started = False
 
 
 def _alive(pid: int) -> bool:

@@ -16,33 +16,18 @@ root, inside fresh mount+UTS namespaces (unshare) where:
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
-import re
-import shutil
 import signal
 import subprocess
-import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .smtp import (
-    HarnessError,
-    SyslogReceiver,
-    free_port,
-    isolation,
-    require_root,
-    require_tool,
-    tail,
-    wait_for_banner,
-    wait_until,
-)
+from .mta import PrivateMTA
+from .smtp import HarnessError, SyslogReceiver, isolation, require_tool, tail
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SENDMAIL_ROOT_ENV = "MXGUARD_SENDMAIL_ROOT"
-KEEP_ENV = "MXGUARD_E2E_KEEP"
 M4 = "/usr/bin/m4"
 
 DEFAULT_MILTER_MACROS = {
@@ -87,19 +72,8 @@ def milter_spec(milter: str) -> str:
     return milter  # unix:/path, local:/path
 
 
-_RUNNING: set[SendmailMTA] = set()
-
-
-@atexit.register
-def _stop_leftovers() -> None:
-    """Stop instances a crashed or interrupted test run did not stop."""
-    for mta in list(_RUNNING):
-        with contextlib.suppress(Exception):
-            mta.stop()
-
-
-class SendmailMTA:
-    """A private Sendmail secondary MX.  Use start()/stop() or ``with``.
+class SendmailMTA(PrivateMTA):
+    """A private Sendmail secondary MX.  Use start()/stop() or ``with`` (see mta.py).
 
     milter: "unix:/path" or "inet:127.0.0.1:PORT" (Postfix notation is
         converted; "inet:PORT@127.0.0.1" is taken as is); None for no milter.
@@ -112,6 +86,9 @@ class SendmailMTA:
     next_hop: (host, port) that all non-local mail goes to (SMART_HOST).
     mc_extra: extra lines appended to the .mc before the MAILER lines.
     """
+
+    NAME = "Sendmail"
+    DEFAULT_MILTER_MACROS = DEFAULT_MILTER_MACROS
 
     def __init__(self, milter: str | None = None, *,
                  milter_name: str = "guard",
@@ -128,34 +105,21 @@ class SendmailMTA:
                  workdir: str | os.PathLike[str] | None = None,
                  start_timeout: float = 60.0,
                  log_level: int = 14):
-        self.milter = milter
+        super().__init__(milter, milter_macros=milter_macros, host=host, port=port,
+                         workdir=workdir, start_timeout=start_timeout)
         self.milter_name = milter_name
         self.milter_flags = milter_flags
         self.milter_timeouts = milter_timeouts
-        self.milter_macros = dict(DEFAULT_MILTER_MACROS, **(milter_macros or {}))
         self.relay_domains = list(relay_domains)
         self.relay_from = list(relay_from)
         self.next_hop = next_hop
-        self.host = host
-        self._port = port
         self.hostname = hostname
         self.mc_extra = list(mc_extra)
-        self._workdir_arg = Path(workdir) if workdir else None
-        self.start_timeout = start_timeout
         self.log_level = log_level
-        self._workdir: Path | None = None
-        self._owns_workdir = False
         self.proc: subprocess.Popen[bytes] | None = None
         self._syslog: SyslogReceiver | None = None
 
     # ------------------------------------------------------------ paths
-    @property
-    def workdir(self) -> Path:
-        """The instance directory (exists from start() on)."""
-        if self._workdir is None:
-            raise HarnessError(f"{type(self).__name__} has not been started")
-        return self._workdir
-
     @property
     def cf_path(self) -> Path:
         return self.workdir / "sendmail.cf"
@@ -167,21 +131,6 @@ class SendmailMTA:
     @property
     def queue_dir(self) -> Path:
         return self.workdir / "mqueue"
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "maillog"
-
-    @property
-    def port(self) -> int:
-        """The SMTP port (a free one is picked at start() unless given)."""
-        if self._port is None:
-            raise HarnessError(f"{type(self).__name__} has not been started")
-        return self._port
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return (self.host, self.port)
 
     @property
     def running(self) -> bool:
@@ -272,34 +221,15 @@ class SendmailMTA:
         os.chmod(self.cf_path, 0o644)
 
     # ------------------------------------------------------------ control
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def wait_for_log(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
-        rx = re.compile(pattern)
-        return wait_until(lambda: rx.search(self.log_text()), timeout,
-                          message=f"/{pattern}/ in {self.log_path}")
-
     def queue_files(self) -> list[str]:
         return sorted(p.name for p in self.queue_dir.iterdir()) if self._workdir else []
 
-    def start(self) -> SendmailMTA:
-        if self.running:
-            return self
-        require_root("SendmailMTA")
+    # ------------------------------------------------------------ lifecycle (mta.py)
+    def _check_installed(self) -> None:
+        sendmail_paths()
+
+    def _launch(self) -> None:
         binary, cf_dir = sendmail_paths()
-        if self._workdir_arg:
-            self._workdir = self._workdir_arg
-            self._workdir.mkdir(parents=True, exist_ok=True)
-        else:
-            self._workdir = Path(tempfile.mkdtemp(prefix="mxguard-sendmail-"))
-            self._owns_workdir = True
-        os.chmod(self.workdir, 0o755)
-        if self._port is None:
-            self._port = free_port(self.host)
         self._syslog = SyslogReceiver(self.workdir / "log.sock", self.log_path).start()
         prefix, env = isolation(self.workdir, hostname=self.hostname,
                                 log_socket=str(self.workdir / "log.sock"))
@@ -309,31 +239,18 @@ class SendmailMTA:
             self.proc = subprocess.Popen(cmd, env=env, cwd=str(self.workdir),
                                          stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True)
-        _RUNNING.add(self)
-        try:
-            deadline = time.monotonic() + self.start_timeout
-            while True:
-                if self.proc.poll() is not None:
-                    raise TimeoutError(f"sendmail exited with {self.proc.returncode}")
-                try:
-                    wait_for_banner(self.host, self.port, min(2.0, deadline - time.monotonic()))
-                    break
-                except TimeoutError:
-                    if time.monotonic() >= deadline:
-                        raise
-        except TimeoutError as exc:
-            info = self._diagnostics()
-            self.stop()
-            raise HarnessError(f"Sendmail did not start on {self.host}:{self.port}: "
-                               f"{exc}\n{info}") from None
-        return self
+        self._await_greeting(self.port, self.start_timeout, "Sendmail")
+
+    def _exited(self) -> str | None:
+        if self.proc is not None and self.proc.poll() is not None:
+            return f"sendmail exited with {self.proc.returncode}"
+        return None
 
     def _diagnostics(self) -> str:
         return (f"--- sendmail stdout/stderr ---\n{tail(self.workdir / 'sendmail.out')}\n"
                 f"--- maillog ---\n{tail(self.log_path)}")
 
-    def stop(self) -> None:
-        _RUNNING.discard(self)
+    def _shutdown(self) -> None:
         proc, self.proc = self.proc, None
         if proc is not None:
             if proc.poll() is None:
@@ -349,14 +266,3 @@ class SendmailMTA:
         if self._syslog:
             self._syslog.stop()
             self._syslog = None
-        if self._workdir and self._owns_workdir and not os.environ.get(KEEP_ENV):
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> SendmailMTA:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        return f"<SendmailMTA {self.host}:{self._port} milter={self.milter!r} dir={self._workdir}>"

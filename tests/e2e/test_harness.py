@@ -15,14 +15,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakeprimary import FakePrimary
+from tests.smtpserver import ReceivedMessage, SmtpSink, free_port
+
 from .postfix import PostfixMTA
 from .sendmail import SendmailMTA
-from .smtp import FakePrimaryMX, MilterProcess, ReceivedMessage, SmtpSink, free_port, send
+from .smtp import MilterProcess, send
 
 # the factory fixtures of conftest.py
 PostfixFactory = Callable[..., PostfixMTA]
 SendmailFactory = Callable[..., SendmailMTA]
-FakeMXFactory = Callable[..., FakePrimaryMX]
+FakeMXFactory = Callable[..., FakePrimary]
 MilterFactory = Callable[..., MilterProcess]
 
 BLOCKED = "blocked@example.com"

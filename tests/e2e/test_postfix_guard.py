@@ -29,7 +29,6 @@ guards, so one start (about 2.5 s) covers every single-node scenario.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
 import re
@@ -46,19 +45,31 @@ from typing import Any
 
 import pytest
 
+from tests.fakeprimary import FakePrimary
 from tests.guardproc import GuardProcess
 from tests.redis_server import RedisServer, redis_server_available
+from tests.smtpserver import ReceivedMessage, SmtpSink
 
+from . import scenarios
 from .postfix import PostfixMTA, check_postfix_tools
+from .scenarios import (
+    FLAGGED,
+    PLAIN,
+    SENDER,
+    TEMPFAIL,
+    UNTRUSTED,
+    Secondary,
+    decision,
+    delivered,
+    message_with,
+    rcpt,
+    reply_451,
+)
 from .smtp import (
-    FakePrimaryMX,
     GuardedDomain,
     GuardFleet,
     GuardSocket,
-    HarnessError,
-    ReceivedMessage,
     SendResult,
-    SmtpSink,
     guard_socket_dir,
     send,
     smtp_session,
@@ -66,82 +77,31 @@ from .smtp import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-SENDER = "sender@client.test.example"
-UNTRUSTED = "127.0.0.2"  # not in mynetworks, not in the guard's trusted_networks
 SASL_USER, SASL_PASSWORD = "alice@mx2.test.example", "s3cret-alice"
 
-TEMPFAIL = "example.org"  # guarded, action tempfail (the default)
-FLAGGED = "flagged.example"  # guarded, action flag
-FAILOVER = "failover.example"  # guarded, its own primary: the tests stop that one
-PLAIN = "plain.example"  # relayed by Postfix, not guarded
-
-# Postfix 3.7's defaults, plus {client_addr} at connect (not sent by default).
-POSTFIX_MACROS = {
-    "milter_connect_macros": "j {daemon_name} {daemon_addr} v _ {client_addr}",
-    "milter_helo_macros": "{tls_version} {cipher} {cipher_bits} {cert_subject} {cert_issuer}",
-    "milter_mail_macros": "i {auth_type} {auth_authen} {auth_author} {mail_addr} {mail_host} "
-                          "{mail_mailer}",
-    "milter_rcpt_macros": "i {rcpt_addr} {rcpt_host} {rcpt_mailer}",
-    "milter_end_of_data_macros": "i",
-}
+# Postfix's defaults (every other milter_*_macros of postfix.py's DEFAULT_MILTER_MACROS),
+# plus {client_addr} at connect (not sent by default).
+POSTFIX_MACROS = {"milter_connect_macros": "j {daemon_name} {daemon_addr} v _ {client_addr}"}
 # For the frozen-guard scenario: how long Postfix waits on a milter that never answers.
 SHORT_MILTER_TIMEOUTS = {"milter_connect_timeout": "2s", "milter_command_timeout": "2s",
                          "milter_content_timeout": "2s"}
 SHORT_TIMEOUT_SECONDS = 2.0
-
-_serial = itertools.count(1)
-
-
-def rcpt(domain: str, tag: str) -> str:
-    """A recipient no other test uses, to find its decision in the logs."""
-    return f"{tag}-{next(_serial)}@{domain}"
-
-
-def reply_451(domain: str) -> tuple[int, str]:
-    return 451, f"4.7.1 Please deliver mail for {domain} to its primary MX"
-
-
-def flag_header(domain: str, client: str, node: str = "mx2") -> str:
-    return (rf"bypass; domain={re.escape(domain)}; primary=mx1\.example\.org up since "
-            rf"\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\dZ; client={re.escape(client)}; "
-            rf"node={re.escape(node)}")
-
-
-def decision(guard: GuardProcess, recipient: str, after: int = 0,
-             timeout: float = 10.0) -> re.Match[str]:
-    """The guard's log line for *recipient*: groups qid, client, action, reason, detail."""
-    return guard.wait_for_log(
-        r"guard\.milter: (?P<qid>\S+): conn=\d+ client=(?P<client>\S+) [^\n]*"
-        rf"rcpt=<{re.escape(recipient)}> domain=\S+ action=(?P<action>\S+) "
-        r"reason=(?P<reason>\S+)(?: note=\S+)? detail=(?P<detail>[^\n]*)",
-        timeout, after)
+QUEUED = r"queued as (\w+)"  # Postfix's reply to DATA
 
 
 def queue_id(result: SendResult) -> str:
-    assert result.data is not None and result.data[0] == 250, result
-    found = re.search(r"queued as (\w+)", result.data[1])
-    assert found, result
-    return found.group(1)
-
-
-def delivered(sink: SmtpSink, recipient: str) -> ReceivedMessage:
-    msg = sink.wait_for_message(recipient, timeout=10)
-    assert msg.rcpt_tos == [recipient], msg.rcpt_tos
-    return msg
+    return scenarios.queue_id_in(result, QUEUED)
 
 
 def require_postfix() -> None:
-    try:
-        check_postfix_tools()
-    except HarnessError as exc:
-        pytest.fail(f"e2e MTA harness unavailable: {exc}", pytrace=False)
+    scenarios.require_harness(check_postfix_tools)
 
 
 @dataclass
 class Site:
     sink: SmtpSink
-    mx1: FakePrimaryMX  # primary of TEMPFAIL and FLAGGED: always up
-    failover_mx1: FakePrimaryMX  # primary of FAILOVER
+    mx1: FakePrimary  # primary of TEMPFAIL and FLAGGED: always up
+    failover_mx1: FakePrimary  # primary of FAILOVER
     postfix: PostfixMTA
     unix_guard: GuardProcess  # the main listener's guard
     inet_guard: GuardProcess  # listener "inet"
@@ -152,38 +112,34 @@ class Site:
     def address(self, listener: str = "main") -> tuple[str, int]:
         return self.postfix.address if listener == "main" else self.postfix.listener(listener)
 
+    def via(self, listener: str = "main") -> Secondary:
+        """Listener "main" (the Unix-socket guard) or "inet"."""
+        guard = self.unix_guard if listener == "main" else self.inet_guard
+        return Secondary(self.address(listener), guard, self.sink, QUEUED)
+
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     require_postfix()
-    workdir = tmp_path_factory.mktemp("postfix-guard")
     with contextlib.ExitStack() as stack:
-        sockets = guard_socket_dir()
-        stack.callback(shutil.rmtree, sockets, ignore_errors=True)
-        sink = stack.enter_context(SmtpSink())
-        mx1 = stack.enter_context(FakePrimaryMX())
-        failover_mx1 = stack.enter_context(FakePrimaryMX())
-        domains = [GuardedDomain(TEMPFAIL, mx1.address),
-                   GuardedDomain(FLAGGED, mx1.address, action="flag"),
-                   GuardedDomain(FAILOVER, failover_mx1.address)]
-        fleet = GuardFleet(workdir)
-        stack.callback(fleet.stop_all)
-        unix, inet = GuardSocket.unix(sockets, "guard"), GuardSocket.inet()
-        frozen, stopped = GuardSocket.unix(sockets, "frozen"), GuardSocket.unix(sockets, "stopped")
-        guards = {name: fleet.launch(name, sock, domains)
+        st = scenarios.stage(stack, tmp_path_factory.mktemp("postfix-guard"))
+        unix, inet = GuardSocket.unix(st.sockets, "guard"), GuardSocket.inet()
+        frozen = GuardSocket.unix(st.sockets, "frozen")
+        stopped = GuardSocket.unix(st.sockets, "stopped")
+        guards = {name: st.fleet.launch(name, sock, st.domains)
                   for name, sock in [("unix", unix), ("inet", inet), ("frozen", frozen),
                                      ("stopped", stopped)]}
         postfix = PostfixMTA(
-            unix.postfix, relay_domains=[TEMPFAIL, FLAGGED, FAILOVER, PLAIN],
-            next_hop=sink.address, mynetworks=["127.0.0.1/32"],
+            unix.postfix, relay_domains=[TEMPFAIL, FLAGGED, scenarios.FAILOVER, PLAIN],
+            next_hop=st.sink.address, mynetworks=["127.0.0.1/32"],
             sasl_users={SASL_USER: SASL_PASSWORD}, milter_macros=POSTFIX_MACROS,
             listeners={"inet": {"smtpd_milters": inet.postfix},
                        "frozen": {"smtpd_milters": frozen.postfix, **SHORT_MILTER_TIMEOUTS},
                        "stopped": {"smtpd_milters": stopped.postfix}})
         stack.callback(postfix.stop)
-        fleet.ready()  # before Postfix: its first session (the start check) finds the guard
+        st.fleet.ready()  # before Postfix: its first session (the start check) finds the guard
         postfix.start()
-        yield Site(sink, mx1, failover_mx1, postfix, guards["unix"], guards["inet"],
+        yield Site(st.sink, st.mx1, st.failover_mx1, postfix, guards["unix"], guards["inet"],
                    guards["frozen"], guards["stopped"], stopped)
 
 
@@ -193,14 +149,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
 
 @pytest.mark.parametrize("listener", ["main", "inet"], ids=["unix-socket", "inet-socket"])
 def test_bypass_is_tempfailed_at_rcpt(site: Site, listener: str) -> None:
-    guard = site.unix_guard if listener == "main" else site.inet_guard
-    to = rcpt(TEMPFAIL, f"bypass-{listener}")
-    result = send(*site.address(listener), SENDER, [to], source=UNTRUSTED)
-    assert result.rcpts[to] == reply_451(TEMPFAIL), result
-    assert result.data is None, "no recipient left, so no DATA"
-    line = decision(guard, to)
-    assert (line["client"], line["action"], line["reason"]) == (UNTRUSTED, "tempfail",
-                                                                 "bypass"), line[0]
+    to = scenarios.bypass_is_tempfailed_at_rcpt(site.via(listener), f"bypass-{listener}")
     site.postfix.wait_for_log(rf"milter-reject: RCPT from [^\n]*\[{re.escape(UNTRUSTED)}\]: "
                               rf"451 4\.7\.1 Please deliver mail for {TEMPFAIL} to its "
                               rf"primary MX; [^\n]*to=<{re.escape(to)}>")
@@ -208,16 +157,7 @@ def test_bypass_is_tempfailed_at_rcpt(site: Site, listener: str) -> None:
 
 @pytest.mark.parametrize("listener", ["main", "inet"], ids=["unix-socket", "inet-socket"])
 def test_bypass_is_flagged_with_a_header(site: Site, listener: str) -> None:
-    guard = site.unix_guard if listener == "main" else site.inet_guard
-    to = rcpt(FLAGGED, f"flag-{listener}")
-    result = send(*site.address(listener), SENDER, [to], source=UNTRUSTED)
-    qid = queue_id(result)
-    msg = delivered(site.sink, to)
-    [header] = msg.headers("X-MX-Guard")
-    assert re.fullmatch(flag_header(FLAGGED, UNTRUSTED), header), header
-    # The queue id reaches the guard at end of message: its log line names it.
-    line = decision(guard, to)
-    assert (line["qid"], line["action"], line["reason"]) == (qid, "flag", "bypass"), line[0]
+    scenarios.bypass_is_flagged_with_a_header(site.via(listener), f"flag-{listener}")
 
 
 # ---------------------------------------------------------------------------------
@@ -225,32 +165,9 @@ def test_bypass_is_flagged_with_a_header(site: Site, listener: str) -> None:
 
 
 def test_primary_down_then_back_within_down_grace(site: Site) -> None:
-    guard = site.unix_guard
-    to = rcpt(FAILOVER, "while-up")
-    assert send(*site.address(), SENDER, [to], source=UNTRUSTED).rcpts[to] == \
-        reply_451(FAILOVER)
-
-    mark = len(guard.log())
-    host, port = site.failover_mx1.address
-    site.failover_mx1.stop()
-    guard.wait_for_log(rf"target {re.escape(host)}:{port} is down", after=mark)
-    to = rcpt(FAILOVER, "while-down")
-    qid = queue_id(send(*site.address(), SENDER, [to], source=UNTRUSTED))
-    msg = delivered(site.sink, to)
-    assert msg.headers("X-MX-Guard") == [], "flag_all = false: no header on fallback mail"
-    line = decision(guard, to, mark)
-    assert (line["qid"], line["action"], line["reason"]) == (qid, "accept", "primary-down")
+    line = scenarios.fallback_while_the_primary_is_down(site.via(), site.failover_mx1)
     assert "refused" in line["detail"], line[0]
-
-    mark = len(guard.log())
-    site.failover_mx1.start()  # same port: the primary is back
-    guard.wait_for_log(rf"target {re.escape(host)}:{port} is up", after=mark)
-    to = rcpt(FAILOVER, "back-in-grace")
-    queue_id(send(*site.address(), SENDER, [to], source=UNTRUSTED))
-    delivered(site.sink, to)
-    line = decision(guard, to, mark)
-    assert (line["action"], line["reason"]) == ("accept", "primary-down"), line[0]
-    assert "failed a probe within down_grace" in line["detail"], line[0]
+    scenarios.primary_back_within_down_grace(site.via(), site.failover_mx1)
 
 
 # ---------------------------------------------------------------------------------
@@ -258,13 +175,7 @@ def test_primary_down_then_back_within_down_grace(site: Site) -> None:
 
 
 def test_trusted_network_client_is_accepted(site: Site) -> None:
-    to = rcpt(TEMPFAIL, "trusted-net")
-    result = send(*site.address(), SENDER, [to], source="127.0.0.1")
-    queue_id(result)
-    assert delivered(site.sink, to).headers("X-MX-Guard") == []
-    line = decision(site.unix_guard, to)
-    assert (line["client"], line["action"], line["reason"]) == ("127.0.0.1", "accept",
-                                                                 "trusted"), line[0]
+    line = scenarios.trusted_network_client_is_accepted(site.via())
     assert line["detail"] == "client in trusted_networks", line[0]
 
 
@@ -293,51 +204,21 @@ def test_authenticated_client_is_accepted(site: Site) -> None:
 
 
 def test_each_recipient_is_decided_on_its_own(site: Site) -> None:
-    guarded, plain = rcpt(TEMPFAIL, "mixed"), rcpt(PLAIN, "mixed")
-    result = send(*site.address(), SENDER, [guarded, plain], source=UNTRUSTED)
-    assert result.rcpts[guarded] == reply_451(TEMPFAIL), result
-    assert result.rcpts[plain][0] == 250, result
-    qid = queue_id(result)
-    msg = delivered(site.sink, plain)  # only the recipient that was accepted
-    assert msg.headers("X-MX-Guard") == []
-    assert site.sink.messages_for(guarded) == []
+    guarded = scenarios.each_recipient_is_decided_on_its_own(site.via())
     assert decision(site.unix_guard, guarded)["action"] == "tempfail"
-    line = decision(site.unix_guard, plain)
-    assert (line["qid"], line["action"], line["reason"]) == (qid, "accept", "not-secondary")
 
 
 # ---------------------------------------------------------------------------------
 # forged headers
 
 
-def message_with(to: str, *headers: str) -> bytes:
-    lines = [f"From: <{SENDER}>", f"To: <{to}>", "Subject: forged guard header",
-             f"Message-ID: <forged-{next(_serial)}@client.test.example>", *headers, "",
-             "hello"]
-    return ("\r\n".join(lines) + "\r\n").encode()
-
-
-FORGED = ("X-MX-Guard: primary-down; domain=whatever; node=mx2",
-          "x-mx-guard: trusted; forged in lower case")
-
-
 @pytest.mark.parametrize("client", [UNTRUSTED, "127.0.0.1"], ids=["untrusted", "trusted"])
 def test_forged_headers_are_removed(site: Site, client: str) -> None:
-    to = rcpt(PLAIN if client == UNTRUSTED else TEMPFAIL, "forged")
-    mark = len(site.unix_guard.log())
-    queue_id(send(*site.address(), SENDER, [to], message_with(to, *FORGED), source=client))
-    msg = delivered(site.sink, to)
-    assert msg.headers("X-MX-Guard") == [], msg.data.decode(errors="replace")
-    assert msg.header("Subject") == "forged guard header"
-    site.unix_guard.wait_for_log(r"removed 2 forged X-MX-Guard header\(s\)", after=mark)
+    scenarios.forged_headers_are_removed(site.via(), client)
 
 
 def test_a_flagged_message_keeps_only_the_guards_header(site: Site) -> None:
-    to = rcpt(FLAGGED, "forged-flag")
-    forged = f"X-MX-Guard: bypass; domain={FLAGGED}; client=192.0.2.1; node=evil"
-    queue_id(send(*site.address(), SENDER, [to], message_with(to, forged), source=UNTRUSTED))
-    [header] = delivered(site.sink, to).headers("X-MX-Guard")
-    assert re.fullmatch(flag_header(FLAGGED, UNTRUSTED), header), header
+    scenarios.a_flagged_message_keeps_only_the_guards_header(site.via())
 
 
 # ---------------------------------------------------------------------------------
@@ -492,7 +373,7 @@ def test_two_secondaries_share_health_through_redis(tmp_path: Path) -> None:
     with contextlib.ExitStack() as stack:
         redis = stack.enter_context(RedisServer(unix_socket=False))
         sink = stack.enter_context(SmtpSink())
-        mx1 = stack.enter_context(FakePrimaryMX())
+        mx1 = stack.enter_context(FakePrimary())
         sockets = guard_socket_dir()
         stack.callback(shutil.rmtree, sockets, ignore_errors=True)
         secondaries = ("mx2a.example.org", "mx2b.example.org")
