@@ -73,6 +73,11 @@ class Refresher:
         metrics.count_targets(snapshot.health(t, now, self._rules) for t in snapshot.observations)
         return snapshot
 
+    @property
+    def shared(self) -> HealthSnapshot:
+        """The last snapshot read from the store, stale observations included."""
+        return self._shared
+
     def lay_own(self) -> None:
         """Lay this node's newest observations over the snapshot now, without the store.
 

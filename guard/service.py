@@ -47,8 +47,13 @@ class Guard:
         )
 
     def _remembered(self, target: Target) -> Observation | None:
-        """This node's last shared observation of a target, from before a restart."""
-        mine = [o for o in self.snapshot.of(target) if o.node == self.config.me.node]
+        """This node's last shared observation of a target, from before a restart.
+
+        Read from the store's copy, stale or not: a restart that took longer than
+        stale_after must not forget a failure within down_grace either.
+        """
+        shared = self.refresher.shared.of(target)
+        mine = [o for o in shared if o.node == self.config.me.node]
         return mine[0] if mine else None
 
     @property

@@ -10,12 +10,13 @@ __all__ = ["MemoryStore", "Store", "StoreError", "observation_ttl", "open_store"
 
 
 def observation_ttl(config: Config) -> float:
-    """How long an observation lives in the store: a little past ``stale_after``.
+    """How long an observation lives in the store.
 
-    Past ``stale_after`` an observation no longer counts; the margin lets ``status``
-    show a node that went quiet as stale before its observation disappears.
+    Past ``stale_after`` it no longer counts for health, but it is kept: ``status``
+    shows a node that went quiet as stale, and a node restarted within ``down_grace``
+    reads back the failures it saw before (so a restart cannot shorten down_grace).
     """
-    return config.policy.stale_after * 2
+    return max(config.policy.stale_after * 2, config.policy.down_grace)
 
 
 def open_store(config: Config) -> Store:
