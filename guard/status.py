@@ -15,10 +15,10 @@ from typing import Any
 
 from guard.config import Config
 from guard.discovery import MxDirectory
-from guard.health import HealthSnapshot, Observation, State, Transition
+from guard.health import HealthSnapshot, Observation, State, Target, Transition
 from guard.mxset import higher_priority_hosts, self_preference
 from guard.policy import Verdict, iso_time
-from guard.probes import probe
+from guard.probes import ProbeResult, probe
 from guard.store.base import Store, StoreError
 
 PROBED_NOW = ("probed once now from this host: the memory store is private to the running "
@@ -57,7 +57,7 @@ def _probe_now(config: Config, directory: MxDirectory, now: float) -> HealthSnap
         targets = sorted(directory.targets())
         limit = asyncio.Semaphore(p.concurrency)
 
-        async def one(t: Any) -> Any:
+        async def one(t: Target) -> ProbeResult:
             async with limit:
                 return await probe(t, p.mode, p.timeout, config.probe_helo)
 
