@@ -20,18 +20,18 @@ lint: $(BIN)/.installed-test
 	$(BIN)/mypy --strict guard
 
 bench: test-deps $(BIN)/.installed-test
-	$(BIN)/python -m tests.bench
+	$(BIN)/python -m tests.support.bench
 
 # A one-minute tour: Redis, a primary, the guard and Postfix, all private (needs root).
 .PHONY: demo
 demo: test-deps $(BIN)/.installed-test
-	$(BIN)/python -m tests.demo
+	$(BIN)/python -m tests.support.demo
 
 deps:
 	sh deploy/install-deps.sh
 
 test-deps: deps
-	sh tests/install-test-deps.sh
+	sh tests/support/install-test-deps.sh
 
 $(BIN)/python:
 	$(MAKE) deps

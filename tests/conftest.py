@@ -1,3 +1,3 @@
-"""Shared fixtures: real Redis servers (tests/redis_fixtures.py)."""
+"""Shared fixtures: real Redis servers (tests/support/redis_fixtures.py)."""
 
-from tests.redis_fixtures import redis_server, sentinel_cluster, tls_redis_server  # noqa: F401
+from tests.support.redis_fixtures import redis_server, sentinel_cluster, tls_redis_server  # noqa: F401

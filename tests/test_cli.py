@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.fakeprimary import FakePrimary
-from tests.guardproc import ROOT, guard_toml
-from tests.smtpserver import free_port
+from tests.support.fakeprimary import FakePrimary
+from tests.support.guardproc import ROOT, guard_toml
+from tests.support.smtpserver import free_port
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -20,7 +20,7 @@
   user reads, cannot write, and serves ``mx-guard status``.
 
 Tools missing make a test fail with the package to install, never skip: systemd
-(systemd-analyze), redis-server, and what tests/e2e/install-mtas.sh installs.
+(systemd-analyze), redis-server, and what tests/support/install-mtas.sh installs.
 """
 
 from __future__ import annotations
@@ -45,16 +45,22 @@ import pytest
 from guard.health import Observation, State, Target, Transition
 from guard.store.base import StoreError
 from guard.store.redis import RedisStore
-from tests.demo import ACL_FILE, ChrootedPostfix, acl_file, make_socket_dir, snippet_settings
-from tests.e2e.postfix import check_postfix_tools
-from tests.e2e.sendmail import M4, SendmailMTA, sendmail_paths
-from tests.e2e.smtp import HarnessError, send
-from tests.e2e.smtp import make_socket_dir as make_run_dir
-from tests.fakeprimary import FakePrimary
-from tests.guardproc import ROOT, GuardProcess, guard_toml
-from tests.milterclient import AddHeader, MilterClient
-from tests.redis_server import RedisServer, redis_server_available
-from tests.smtpserver import SmtpSink
+from tests.support.demo import (
+    ACL_FILE,
+    ChrootedPostfix,
+    acl_file,
+    make_socket_dir,
+    snippet_settings,
+)
+from tests.support.fakeprimary import FakePrimary
+from tests.support.guardproc import ROOT, GuardProcess, guard_toml
+from tests.support.milterclient import AddHeader, MilterClient
+from tests.support.postfix import check_postfix_tools
+from tests.support.redis_server import RedisServer, redis_server_available
+from tests.support.sendmail import M4, SendmailMTA, sendmail_paths
+from tests.support.smtp import HarnessError, send
+from tests.support.smtp import make_socket_dir as make_run_dir
+from tests.support.smtpserver import SmtpSink
 
 DEPLOY = ROOT / "deploy"
 UNIT = DEPLOY / "systemd" / "mx-guard.service"
@@ -367,7 +373,7 @@ def test_postfix_snippet_reaches_the_guard_from_a_chrooted_smtpd(site: Site) -> 
 
 
 def test_postfix_snippet_passes_postconf(tmp_path: Path) -> None:
-    postconf = need("postconf", "postfix (tests/e2e/install-mtas.sh)")
+    postconf = need("postconf", "postfix (tests/support/install-mtas.sh)")
     text = POSTFIX_MAIN.read_text()
     for line in POSTFIX_LINES:
         assert line in text.splitlines(), f"{POSTFIX_MAIN.name} lacks the line {line!r}"
@@ -397,7 +403,7 @@ def test_postfix_snippet_passes_postconf(tmp_path: Path) -> None:
 
 
 def test_postfix_master_snippet_needs_nothing_or_parses(tmp_path: Path) -> None:
-    postconf = need("postconf", "postfix (tests/e2e/install-mtas.sh)")
+    postconf = need("postconf", "postfix (tests/support/install-mtas.sh)")
     text = POSTFIX_MASTER.read_text()
     active = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
     assert not active, f"master.cf.snippet is meant to change nothing: {active}"

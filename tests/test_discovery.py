@@ -20,7 +20,7 @@ from guard.discovery import (
 from guard.health import HealthSnapshot, Observation, State, Target
 from guard.mxset import MxSource
 from guard.policy import Connection, Reason, Verdict, client_address, decide
-from tests.fakedns import Behaviour, FakeDNS
+from tests.support.fakedns import Behaviour, FakeDNS
 
 ZONE = [
     ("example.org", "MX", 600, "10 mx1.example.org."),

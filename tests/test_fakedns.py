@@ -14,7 +14,7 @@ import dns.rdatatype
 import dns.resolver
 import pytest
 
-from tests.fakedns import Behaviour, FakeDNS
+from tests.support.fakedns import Behaviour, FakeDNS
 
 RECORDS = [
     ("example.org", "MX", 600, "10 mx1.example.org."),

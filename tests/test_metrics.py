@@ -6,10 +6,10 @@ import re
 import urllib.request
 from pathlib import Path
 
-from tests.fakeprimary import FakePrimary
-from tests.guardproc import GuardProcess, guard_toml
-from tests.milterclient import MilterClient
-from tests.smtpserver import free_port
+from tests.support.fakeprimary import FakePrimary
+from tests.support.guardproc import GuardProcess, guard_toml
+from tests.support.milterclient import MilterClient
+from tests.support.smtpserver import free_port
 
 
 def scrape(port: int) -> str:

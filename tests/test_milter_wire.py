@@ -1,5 +1,5 @@
 """``mx-guard run`` as a process, driven over real sockets by an independent
-milter-protocol client (tests/milterclient.py), with a real SMTP listener as primary.
+milter-protocol client (tests/support/milterclient.py), with a real SMTP listener as primary.
 
 Every reply is timed: no callback may take longer than the SPEC's 250 ms budget.
 """
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakeprimary import FakePrimary
-from tests.guardproc import GuardProcess, guard_toml
-from tests.milterclient import AddHeader, ChangeHeader, MilterClient, MilterClosed, Reply
-from tests.smtpserver import free_port
+from tests.support.fakeprimary import FakePrimary
+from tests.support.guardproc import GuardProcess, guard_toml
+from tests.support.milterclient import AddHeader, ChangeHeader, MilterClient, MilterClosed, Reply
+from tests.support.smtpserver import free_port
 
 BUDGET = 0.25  # seconds a callback may take (SPEC section 4)
 SPAMMER = "203.0.113.7"

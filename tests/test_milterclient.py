@@ -1,4 +1,4 @@
-"""Tests for tests/milterclient.py against a real pymilter milter in a subprocess.
+"""Tests for tests/support/milterclient.py against a real pymilter milter in a subprocess.
 
 The probe milter below is written to tmp at test time and listens on a Unix socket and on
 a free 127.0.0.1 port. It reports what it saw through headers it adds at end of message,
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.milterclient import (
+from tests.support.milterclient import (
     CHUNK_SIZE,
     SMFIP_NR_MAIL,
     SMFIP_SKIP,

@@ -7,8 +7,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.fakeprimary import FakePrimary
-from tests.guardproc import GuardProcess, guard_toml
+from tests.support.fakeprimary import FakePrimary
+from tests.support.guardproc import GuardProcess, guard_toml
 
 SCRIPT = Path(__file__).resolve().parent / "miltertest" / "bypass.lua"
 

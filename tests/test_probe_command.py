@@ -16,9 +16,9 @@ from pathlib import Path
 
 from guard.health import State, Target
 from guard.store.redis import RedisStore
-from tests.fakeprimary import FakePrimary
-from tests.guardproc import ROOT, guard_toml
-from tests.redis_server import RedisServer
+from tests.support.fakeprimary import FakePrimary
+from tests.support.guardproc import ROOT, guard_toml
+from tests.support.redis_server import RedisServer
 
 SIGTERM_EXIT_SECONDS = 3.0  # no libmilter here: the prober stops at once
 TCP_LISTEN = "0A"  # st column of /proc/net/tcp

@@ -15,8 +15,8 @@ from guard.prober import Prober, Publisher
 from guard.probes import ProbeClass, probe
 from guard.refresher import Refresher
 from guard.store.memory import MemoryStore
-from tests.fakeprimary import Behaviour, FakePrimary
-from tests.smtpserver import free_port
+from tests.support.fakeprimary import Behaviour, FakePrimary
+from tests.support.smtpserver import free_port
 
 RULES = AggregationRules(down_grace=0.01, stale_after=5.0, quorum=1)
 

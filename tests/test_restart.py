@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.fakeprimary import FakePrimary
-from tests.guardproc import GuardProcess, guard_toml
-from tests.milterclient import MilterClient
-from tests.redis_server import RedisServer
-from tests.smtpserver import free_port
+from tests.support.fakeprimary import FakePrimary
+from tests.support.guardproc import GuardProcess, guard_toml
+from tests.support.milterclient import MilterClient
+from tests.support.redis_server import RedisServer
+from tests.support.smtpserver import free_port
 
 
 def rcpt(socket: str) -> str:

@@ -40,11 +40,11 @@ import pytest
 
 from guard.health import Observation, State, Target, Transition
 from guard.store.redis import RedisStore
-from tests.fakeprimary import FakePrimary
-from tests.guardproc import ROOT, GuardProcess, guard_toml
-from tests.milterclient import MilterClient, MilterError
-from tests.redis_server import RedisServer, SentinelCluster
-from tests.smtpserver import free_port
+from tests.support.fakeprimary import FakePrimary
+from tests.support.guardproc import ROOT, GuardProcess, guard_toml
+from tests.support.milterclient import MilterClient, MilterError
+from tests.support.redis_server import RedisServer, SentinelCluster
+from tests.support.smtpserver import free_port
 
 BUDGET = 0.25  # seconds a callback may take (SPEC section 4)
 REFRESH = 0.2  # seconds: [store] refresh in guard_toml
@@ -503,7 +503,7 @@ class NetnsGuard(GuardProcess):
 
 LISTENER = """
 import sys
-from tests.fakeprimary import FakePrimary
+from tests.support.fakeprimary import FakePrimary
 primary = FakePrimary(port=int(sys.argv[1])).start()
 print("listening", flush=True)
 sys.stdin.read()

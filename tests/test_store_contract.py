@@ -23,7 +23,7 @@ from guard.health import Observation, State, Target, Transition
 from guard.store.base import HISTORY_MAX, Store, StoreError
 from guard.store.memory import MemoryStore
 from guard.store.redis import BUCKET_SECONDS, RedisStore, SentinelUrl, mask_password
-from tests.redis_server import RedisServer, SentinelCluster
+from tests.support.redis_server import RedisServer, SentinelCluster
 
 T4 = Target("192.0.2.1", 25)
 T6 = Target("2001:db8::1", 2525)

@@ -16,7 +16,7 @@ Fixtures (function-scoped; everything is stopped/removed at teardown):
                       tmp_path) with this Python
 
 A missing MTA or tool makes the MTA fixtures *fail* (not skip), telling to run
-`sh tests/e2e/install-mtas.sh` as root.
+`sh tests/support/install-mtas.sh` as root.
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tests.fakeprimary import FakePrimary
-from tests.smtpserver import SmtpSink
+from tests.support.fakeprimary import FakePrimary
+from tests.support.mta import PrivateMTA
+from tests.support.postfix import PostfixMTA, check_postfix_tools
+from tests.support.sendmail import SendmailMTA, sendmail_paths
+from tests.support.smtp import MilterProcess, make_socket_dir
+from tests.support.smtpserver import SmtpSink
 
-from .mta import PrivateMTA
-from .postfix import PostfixMTA, check_postfix_tools
 from .scenarios import require_harness
-from .sendmail import SendmailMTA, sendmail_paths
-from .smtp import MilterProcess, make_socket_dir
 
 PostfixFactory = Callable[..., PostfixMTA]
 SendmailFactory = Callable[..., SendmailMTA]

@@ -24,11 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakeprimary import FakePrimary
-from tests.guardproc import GuardProcess
-from tests.smtpserver import ReceivedMessage, SmtpSink
-
-from .smtp import (
+from tests.support.fakeprimary import FakePrimary
+from tests.support.guardproc import GuardProcess
+from tests.support.smtp import (
     GuardedDomain,
     GuardFleet,
     HarnessError,
@@ -36,6 +34,7 @@ from .smtp import (
     guard_socket_dir,
     send,
 )
+from tests.support.smtpserver import ReceivedMessage, SmtpSink
 
 SENDER = "sender@client.test.example"
 UNTRUSTED = "127.0.0.2"  # not trusted by the MTA, not in the guard's trusted_networks

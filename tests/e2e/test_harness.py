@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakeprimary import FakePrimary
-from tests.smtpserver import ReceivedMessage, SmtpSink, free_port
-
-from .postfix import PostfixMTA
-from .sendmail import SendmailMTA
-from .smtp import MilterProcess, send
+from tests.support.fakeprimary import FakePrimary
+from tests.support.postfix import PostfixMTA
+from tests.support.sendmail import SendmailMTA
+from tests.support.smtp import MilterProcess, send
+from tests.support.smtpserver import ReceivedMessage, SmtpSink, free_port
 
 # the factory fixtures of conftest.py
 PostfixFactory = Callable[..., PostfixMTA]

@@ -45,13 +45,23 @@ from typing import Any
 
 import pytest
 
-from tests.fakeprimary import FakePrimary
-from tests.guardproc import GuardProcess
-from tests.redis_server import RedisServer, redis_server_available
-from tests.smtpserver import ReceivedMessage, SmtpSink
+from tests.support.fakeprimary import FakePrimary
+from tests.support.guardproc import GuardProcess
+from tests.support.postfix import PostfixMTA, check_postfix_tools
+from tests.support.redis_server import RedisServer, redis_server_available
+from tests.support.smtp import (
+    GuardedDomain,
+    GuardFleet,
+    GuardSocket,
+    SendResult,
+    guard_socket_dir,
+    send,
+    smtp_session,
+    wait_until,
+)
+from tests.support.smtpserver import ReceivedMessage, SmtpSink
 
 from . import scenarios
-from .postfix import PostfixMTA, check_postfix_tools
 from .scenarios import (
     FLAGGED,
     PLAIN,
@@ -64,16 +74,6 @@ from .scenarios import (
     message_with,
     rcpt,
     reply_451,
-)
-from .smtp import (
-    GuardedDomain,
-    GuardFleet,
-    GuardSocket,
-    SendResult,
-    guard_socket_dir,
-    send,
-    smtp_session,
-    wait_until,
 )
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -31,9 +31,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.fakeprimary import FakePrimary
-from tests.guardproc import GuardProcess
-from tests.smtpserver import SmtpSink
+from tests.support.fakeprimary import FakePrimary
+from tests.support.guardproc import GuardProcess
+from tests.support.sendmail import SendmailMTA, sendmail_paths
+from tests.support.smtp import GuardSocket, SendResult, send
+from tests.support.smtpserver import SmtpSink
 
 from . import scenarios
 from .scenarios import (
@@ -47,8 +49,6 @@ from .scenarios import (
     rcpt,
     reply_451,
 )
-from .sendmail import SendmailMTA, sendmail_paths
-from .smtp import GuardSocket, SendResult, send
 
 # Sendmail's default (cf/m4/cfhead.m4) plus {client_addr} at connect. The other
 # confMILTER_MACROS_* are sendmail.py's DEFAULT_MILTER_MACROS: Sendmail's defaults, plus i

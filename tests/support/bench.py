@@ -28,11 +28,11 @@ from guard.config import parse_config
 from guard.health import HealthSnapshot, Observation, State, Target
 from guard.mxset import MxSet
 from guard.policy import Connection, client_address, decide
-from tests.e2e.postfix import PostfixMTA
-from tests.e2e.smtp import MilterProcess, make_socket_dir, send
-from tests.fakeprimary import FakePrimary
-from tests.guardproc import GuardProcess, guard_toml
-from tests.smtpserver import SmtpSink
+from tests.support.fakeprimary import FakePrimary
+from tests.support.guardproc import GuardProcess, guard_toml
+from tests.support.postfix import PostfixMTA
+from tests.support.smtp import MilterProcess, make_socket_dir, send
+from tests.support.smtpserver import SmtpSink
 
 ROUNDS = 6
 PER_ROUND = 25

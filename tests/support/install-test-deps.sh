@@ -22,6 +22,6 @@ if [ -n "$missing" ]; then
 fi
 
 here=$(dirname "$0")
-if [ -f "$here/e2e/install-mtas.sh" ]; then
-    sh "$here/e2e/install-mtas.sh"
+if [ -f "$here/install-mtas.sh" ]; then
+    sh "$here/install-mtas.sh"
 fi

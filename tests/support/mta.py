@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar, Self
 
-from tests.smtpserver import free_port
+from tests.support.smtpserver import free_port
 
 from .smtp import HarnessError, require_root, tail, wait_for_banner, wait_until
 

@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import pytest
 
-from tests.redis_server import RedisServer, SentinelCluster, redis_server_available
+from tests.support.redis_server import RedisServer, SentinelCluster, redis_server_available
 
 R = TypeVar("R", RedisServer, SentinelCluster)
 

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
-from tests.guardproc import GuardProcess
-from tests.smtpserver import LOCALHOST, free_port
+from tests.support.guardproc import GuardProcess
+from tests.support.smtpserver import LOCALHOST, free_port
 
 T = TypeVar("T")
 CLIENT_HELO = "client.test.example"
@@ -189,7 +189,7 @@ def _text(b: object) -> str:
 # --------------------------------------------------------------------------
 # process/harness helpers shared by postfix.py and sendmail.py
 
-INSTALL_HINT = "run `sh tests/e2e/install-mtas.sh` as root"
+INSTALL_HINT = "run `sh tests/support/install-mtas.sh` as root"
 
 
 class HarnessError(RuntimeError):

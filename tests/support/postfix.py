@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from tests.smtpserver import free_port
+from tests.support.smtpserver import free_port
 
 from .mta import PrivateMTA
 from .smtp import HarnessError, isolation, require_tool, wait_until
@@ -53,7 +53,7 @@ def check_postfix_tools() -> None:
         require_tool(tool, "Postfix")
     if not os.path.exists(SYSTEM_MASTER_CF):
         raise HarnessError(f"{SYSTEM_MASTER_CF} missing: Postfix is not installed properly; "
-                           "run `sh tests/e2e/install-mtas.sh` as root")
+                           "run `sh tests/support/install-mtas.sh` as root")
 
 
 class PostfixMTA(PrivateMTA):

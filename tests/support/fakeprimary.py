@@ -16,7 +16,7 @@ from collections.abc import Callable
 from enum import Enum
 from typing import Any, Self
 
-from tests.smtpserver import LOCALHOST, SmtpServer, free_port
+from tests.support.smtpserver import LOCALHOST, SmtpServer, free_port
 
 
 class Behaviour(Enum):

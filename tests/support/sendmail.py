@@ -1,7 +1,7 @@
 """A private, throwaway Sendmail daemon acting as a secondary (backup) MX.
 
 Sendmail is not installed through apt (sendmail-bin conflicts with postfix):
-tests/e2e/install-mtas.sh unpacks the Debian packages into <repo>/.mta/sendmail
+tests/support/install-mtas.sh unpacks the Debian packages into <repo>/.mta/sendmail
 (override with $MXGUARD_SENDMAIL_ROOT).  The harness builds a sendmail.cf with
 m4 from a generated .mc and runs `sendmail -C <cf> -bD` (foreground daemon) as
 root, inside fresh mount+UTS namespaces (unshare) where:
@@ -53,8 +53,8 @@ def sendmail_paths() -> tuple[Path, Path]:
     cf_dir = root / "usr/share/sendmail/cf"
     require_tool(str(binary), f"Sendmail (unpacked tree {root})")
     if not (cf_dir / "m4" / "cf.m4").is_file():
-        raise HarnessError(f"Sendmail cf tree {cf_dir} missing: run `sh tests/e2e/install-mtas.sh` "
-                           "as root")
+        raise HarnessError(f"Sendmail cf tree {cf_dir} missing: run "
+                           "`sh tests/support/install-mtas.sh` as root")
     require_tool(M4, "m4")
     return binary, cf_dir
 

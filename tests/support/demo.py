@@ -32,14 +32,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.e2e.postfix import POSTCONF, PostfixMTA, check_postfix_tools
-from tests.e2e.smtp import HarnessError, send
-from tests.fakeprimary import FakePrimary
-from tests.guardproc import GuardProcess, guard_toml
-from tests.redis_server import RedisServer, redis_server_available
-from tests.smtpserver import SmtpSink
+from tests.support.fakeprimary import FakePrimary
+from tests.support.guardproc import GuardProcess, guard_toml
+from tests.support.postfix import POSTCONF, PostfixMTA, check_postfix_tools
+from tests.support.redis_server import RedisServer, redis_server_available
+from tests.support.smtp import HarnessError, send
+from tests.support.smtpserver import SmtpSink
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 POSTFIX_SNIPPET = DEPLOY / "postfix" / "main.cf.snippet"
 ACL_FILE = DEPLOY / "redis" / "users.acl"

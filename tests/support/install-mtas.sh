@@ -1,6 +1,6 @@
 #!/bin/sh
 # Install everything the end-to-end MTA harness (tests/e2e) needs.
-# Idempotent; run as root on Debian 12:   sh tests/e2e/install-mtas.sh
+# Idempotent; run as root on Debian 12:   sh tests/support/install-mtas.sh
 #
 # - Postfix from apt, unconfigured (debconf "No configuration"): the harness
 #   runs private instances with their own config/queue directories only.
