@@ -55,7 +55,7 @@ from tests.support.demo import (
 from tests.support.fakeprimary import FakePrimary
 from tests.support.guardproc import ROOT, GuardProcess, guard_toml
 from tests.support.milterclient import AddHeader, MilterClient
-from tests.support.postfix import check_postfix_tools
+from tests.support.postfix import MASTER_CF_DIST, check_postfix_tools
 from tests.support.redis_server import RedisServer, redis_server_available
 from tests.support.sendmail import M4, SendmailMTA, sendmail_paths
 from tests.support.smtp import HarnessError, send
@@ -386,7 +386,7 @@ def test_postfix_snippet_passes_postconf(tmp_path: Path) -> None:
         assert r.returncode == 0 and not r.stderr, r.stderr
         return dict(line.split(" = ", 1) for line in r.stdout.splitlines())
 
-    write_old(tmp_path / "master.cf", Path("/etc/postfix/master.cf").read_text())
+    write_old(tmp_path / "master.cf", Path(MASTER_CF_DIST).read_text())
     got = postconf_n(text)
     assert {k: got.get(k) for k in want} == want
     assert got.keys() - want.keys() == {"config_directory"}
@@ -411,7 +411,7 @@ def test_postfix_master_snippet_needs_nothing_or_parses(tmp_path: Path) -> None:
     alternative = re.findall(r"^#((?:smtp +inet .*)|(?:  -o .*))$", text, re.M)
     assert len(alternative) == 2, alternative
     master = re.sub(r"^smtp +inet .*$", "\n".join(alternative),
-                    Path("/etc/postfix/master.cf").read_text(), count=1, flags=re.M)
+                    Path(MASTER_CF_DIST).read_text(), count=1, flags=re.M)
     write_old(tmp_path / "master.cf", master)
     write_old(tmp_path / "main.cf", "")
     r = run(postconf, "-c", tmp_path, "-P", "smtp/inet/smtpd_milters")
