@@ -343,6 +343,7 @@ def test_socket_reachable_by_group_postfix_only(site: Site) -> None:
     assert _connects_as("nobody", site.socket_path) == "PermissionError"
 
 
+@pytest.mark.mta
 def test_postfix_snippet_reaches_the_guard_from_a_chrooted_smtpd(site: Site) -> None:
     need_harness(check_postfix_tools)
     with SmtpSink() as sink:
@@ -372,6 +373,7 @@ def test_postfix_snippet_reaches_the_guard_from_a_chrooted_smtpd(site: Site) -> 
             assert str(postfix.queue_dir) in roots, roots
 
 
+@pytest.mark.mta
 def test_postfix_snippet_passes_postconf(tmp_path: Path) -> None:
     postconf = need("postconf", "postfix (tests/support/install-mtas.sh)")
     text = POSTFIX_MAIN.read_text()
@@ -402,6 +404,7 @@ def test_postfix_snippet_passes_postconf(tmp_path: Path) -> None:
     assert milters.startswith("{ unix:/mx-guard/guard.sock, default_action=accept,"), milters
 
 
+@pytest.mark.mta
 def test_postfix_master_snippet_needs_nothing_or_parses(tmp_path: Path) -> None:
     postconf = need("postconf", "postfix (tests/support/install-mtas.sh)")
     text = POSTFIX_MASTER.read_text()
@@ -421,6 +424,7 @@ def test_postfix_master_snippet_needs_nothing_or_parses(tmp_path: Path) -> None:
 
 # -- Sendmail -----------------------------------------------------------------------
 
+@pytest.mark.mta
 def test_sendmail_mc_builds_with_m4(tmp_path: Path) -> None:
     need_harness(sendmail_paths)
     _, cf_dir = sendmail_paths()
@@ -444,6 +448,7 @@ def test_sendmail_mc_builds_with_m4(tmp_path: Path) -> None:
     assert not [line for line in cf if line.startswith("X") and "F=" in line]
 
 
+@pytest.mark.mta
 def test_sendmail_mc_consults_the_guard_and_survives_its_death(tmp_path: Path) -> None:
     need_root()
     need_harness(sendmail_paths)
@@ -512,6 +517,7 @@ def an_observation(state: State = State.UP) -> Observation:
                        last_fail=None if state is State.UP else now, detail="220 hi")
 
 
+@pytest.mark.redis
 def test_acl_file_refuses_to_load_until_passwords_are_set() -> None:
     need_redis()
     server = RedisServer(unix_socket=False, extra_config=(f"aclfile {ACL_FILE}",))

@@ -53,6 +53,8 @@ class MemoryStore:
             return [obs for _, obs in self._observations.values()]
 
     def history(self, limit: int = 50) -> list[Transition]:
+        if limit <= 0:
+            return []  # as Redis: [-0:] would be everything
         with self._changed:
             return list(self._history)[-limit:]
 
