@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import logging.handlers
-import queue
 import signal
 import sys
 import threading
@@ -18,6 +16,7 @@ from collections.abc import Sequence
 from guard import __version__
 from guard.config import Config, ConfigError, config_path, load_config
 from guard.discovery import MxDirectory, directory_for
+from guard.logsetup import setup_logging
 from guard.policy import Connection, client_address, decide, recipient_domain
 from guard.status import (
     HealthView,
@@ -47,43 +46,6 @@ def block_stop_signals() -> None:
     without draining connections. Call before any thread starts.
     """
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-
-
-LOG_QUEUE_MAX = 10000  # records waiting for the writer before new ones are dropped
-
-
-class DroppingQueueHandler(logging.handlers.QueueHandler):
-    """Hands records to a writer thread; drops them when it falls behind.
-
-    A milter callback that logs must never wait on a slow log sink (a stalled
-    journald would block every callback): losing a log line beats holding mail.
-    """
-
-    def __init__(self, queue: queue.Queue[logging.LogRecord]) -> None:
-        super().__init__(queue)
-        self.dropped = 0
-
-    def enqueue(self, record: logging.LogRecord) -> None:
-        try:
-            self.queue.put_nowait(record)
-        except queue.Full:
-            self.dropped += 1
-
-
-def _setup_logging(level: str, background: bool) -> logging.handlers.QueueListener | None:
-    """Log to stderr; for the long-running commands, from a writer thread."""
-    writer = logging.StreamHandler(sys.stderr)
-    writer.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.setLevel(getattr(logging, level.upper()))
-    if not background:
-        root.addHandler(writer)
-        return None
-    records: queue.Queue[logging.LogRecord] = queue.Queue(LOG_QUEUE_MAX)
-    root.addHandler(DroppingQueueHandler(records))
-    listener = logging.handlers.QueueListener(records, writer)
-    listener.start()
-    return listener
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -220,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         block_stop_signals()  # before the log writer thread starts
-    listener = _setup_logging(args.log_level, background=args.command in ("run", "probe"))
+    listener = setup_logging(args.log_level, background=args.command in ("run", "probe"))
     try:
         return COMMANDS[args.command](args)
     except ConfigError as e:
