@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from guard import __version__
 from guard.config import Config, ConfigError, config_path, load_config
 from guard.discovery import MxDirectory, directory_for
-from guard.logsetup import setup_logging
+from guard.logsetup import Logs
 from guard.policy import Connection, client_address, decide, recipient_domain
 from guard.status import (
     HealthView,
@@ -68,6 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from guard.service import Guard
 
     config = _load(args)
+    args.logs.apply(config.log)
     guard = Guard(config)
     guard.start()
     try:
@@ -81,6 +82,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from guard.service import Guard
 
     config = _load(args)
+    args.logs.apply(config.log)
     if config.store.url.startswith("memory://"):
         log.warning("mx-guard probe with the memory:// store shares its observations "
                     "with nobody; set [store] url to a Redis URL")
@@ -182,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         block_stop_signals()  # before the log writer thread starts
-    listener = setup_logging(args.log_level, background=args.command in ("run", "probe"))
+    args.logs = Logs(args.log_level, background=args.command in ("run", "probe"))
     try:
         return COMMANDS[args.command](args)
     except ConfigError as e:
@@ -192,8 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mx-guard: store: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     finally:
-        if listener is not None:
-            listener.stop()  # writes out what is still queued
+        args.logs.stop()  # writes out what is still queued
 
 
 if __name__ == "__main__":
