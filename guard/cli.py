@@ -12,10 +12,14 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
 
 from guard import __version__
 from guard.config import Config, ConfigError, config_path, load_config
+from guard.control import ControlError, ControlUnavailable, ask, control_socket_path
 from guard.discovery import MxDirectory, directory_for
+from guard.live import render_prober
 from guard.logsetup import Logs
 from guard.policy import Connection, client_address, decide, recipient_domain
 from guard.status import (
@@ -64,6 +68,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     # libmilter is loaded only by the commands that need it.
+    from guard.control import ControlServer
+    from guard.live import commands_for
     from guard.milter import serve
     from guard.service import Guard
 
@@ -71,9 +77,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     args.logs.apply(config.log)
     guard = Guard(config)
     guard.start()
+    control = ControlServer(control_socket_path(config), commands_for(guard),
+                            config.control.timeout)
+    control.start()
     try:
         serve(guard)
     finally:
+        control.stop()
         guard.stop()
     return EXIT_OK
 
@@ -97,15 +107,24 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _current_view(config: Config) -> tuple[MxDirectory, HealthView]:
+def _ask_guard(config: Config, command: str, request: dict[str, Any]) -> tuple[Any, str]:
+    """The running guard's answer, or None and why there is none."""
+    try:
+        return ask(control_socket_path(config), command, request), ""
+    except ControlUnavailable as e:
+        return None, f"no running guard answers on {e}"
+
+
+def _current_view(config: Config, why_not_live: str) -> tuple[MxDirectory, HealthView]:
     """MX sets looked up now, and health as the store (or a probe now) has it."""
     directory = directory_for(config)
     directory.refresh_due()
     store = open_store(config)
     try:
-        return directory, gather_health(config, store, directory)
+        view = gather_health(config, store, directory)
     finally:
         store.close()
+    return directory, replace(view, source=f"{why_not_live}, so: {view.source}")
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -119,7 +138,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if domain is None:
         print(f"mx-guard explain: --rcpt {args.rcpt!r} has no domain", file=sys.stderr)
         return EXIT_BAD_INPUT
-    directory, view = _current_view(config)
+    live, why_not = _ask_guard(config, "explain", {
+        "client": str(client), "rcpt": args.rcpt, "helo": args.helo,
+        "authenticated": args.authenticated})
+    if live is not None:
+        if args.json:
+            sys.stdout.write(to_json({**live["verdict"], "from": args.sender}))
+        else:
+            sys.stdout.write(f"client:  {client}\nfrom:    <{args.sender}>\n{live['text']}")
+        return EXIT_OK
+    directory, view = _current_view(config, why_not)
     conn = Connection(client, args.helo, args.authenticated, time.time())
     verdict = decide(conn, domain, directory.get(domain), view.snapshot, config)
     if args.json:
@@ -134,7 +162,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     config = _load(args)
-    directory, view = _current_view(config)
+    data, why_not = _ask_guard(config, "status", {})
+    if data is not None:
+        text = render_status(data) + render_prober(data["prober"], data["time"])
+        sys.stdout.write(to_json(data) if args.json else text)
+        return EXIT_OK
+    directory, view = _current_view(config, why_not)
     data = status_data(config, directory, view)
     sys.stdout.write(to_json(data) if args.json else render_status(data))
     return EXIT_OK
@@ -192,6 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except StoreError as e:
         print(f"mx-guard: store: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ControlError as e:
+        print(f"mx-guard: the running guard refused: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     finally:
         args.logs.stop()  # writes out what is still queued

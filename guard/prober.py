@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import random
 import threading
@@ -198,6 +199,11 @@ class Prober:
         with self._lock:
             observations = [t.observation() for t in self._trackers.values()]
         return [o for o in observations if o is not None]
+
+    def hysteresis(self) -> list[Hysteresis]:
+        """A copy of every target's state machine (for the control socket)."""
+        with self._lock:
+            return [dataclasses.replace(t) for t in self._trackers.values()]
 
     def start(self) -> None:
         self._thread.start()

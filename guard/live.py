@@ -1,0 +1,144 @@
+"""What a running guard answers on its control socket, and how the CLI shows it.
+
+``status`` and ``explain`` here read the running node's own state: the health
+snapshot its milter decides from (with any store, ``memory://`` included), the
+prober's hysteresis for every target (state, successes and failures against rise and
+fall, last probe, last ok, last fail) and the down_grace memory (until when a past
+failure keeps a target down). ``explain`` runs the milter's own ``decide()`` on that
+snapshot. The text is rendered by the same functions the CLI uses without a guard
+(guard/status.py), plus the part only a running guard knows.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from guard.control import BadRequest, CommandTable
+from guard.health import Target
+from guard.mxset import higher_priority_hosts
+from guard.policy import Connection, client_address, iso_time, recipient_domain
+from guard.status import HealthView, render_verdict, status_data, verdict_data
+from guard.store.base import StoreError
+
+if TYPE_CHECKING:
+    from guard.prober import Hysteresis
+    from guard.service import Guard
+
+HISTORY_SHOWN = 20
+
+
+def commands_for(guard: Guard) -> CommandTable:
+    """The control commands of a running guard; a feature adds its own to the table."""
+    table = CommandTable()
+    table.add("status", lambda args: status(guard, args),
+              "domains, MX tiers, the running node's health, hysteresis and down_grace")
+    table.add("explain", lambda args: explain(guard, args),
+              "the verdict the milter would give now, and why")
+    return table
+
+
+def _source(guard: Guard) -> str:
+    snap = guard.snapshot
+    return (f"the running guard (node {guard.config.me.node}, pid {os.getpid()}): the "
+            f"snapshot its milter decides from ({snap.source}, taken "
+            f"{iso_time(snap.taken_at)})")
+
+
+def _view(guard: Guard) -> HealthView:
+    try:
+        history = tuple(guard.store.history(HISTORY_SHOWN))
+    except StoreError:
+        history = ()
+    return HealthView(guard.snapshot, _source(guard), history, guard.store.description)
+
+
+def _no_args(args: Mapping[str, Any], command: str) -> None:
+    if args:
+        raise BadRequest(f"{command} takes no arguments, got {', '.join(sorted(args))}")
+
+
+def status(guard: Guard, args: Mapping[str, Any]) -> dict[str, Any]:
+    _no_args(args, "status")
+    config = guard.config
+    data = status_data(config, guard.directory, _view(guard))
+    data["prober"] = prober_data(guard, time.time())
+    data["config"] = config.path
+    return data
+
+
+def prober_data(guard: Guard, now: float) -> list[dict[str, Any]]:
+    """Each target's hysteresis and down_grace memory, as this node's prober has it."""
+    if guard.prober is None:
+        return []
+    down_grace = guard.config.policy.down_grace
+    out = []
+    for h in sorted(guard.prober.hysteresis(), key=lambda h: h.target):
+        out.append(_hysteresis(h, now, down_grace))
+    return out
+
+
+def _hysteresis(h: Hysteresis, now: float, down_grace: float) -> dict[str, Any]:
+    until = h.last_fail + down_grace if h.last_fail is not None else None
+    return {
+        "target": str(h.target), "state": str(h.state), "since": h.since or None,
+        "successes": h.successes, "rise": h.rise, "failures": h.failures, "fall": h.fall,
+        "last_probe": h.last_probe, "last_ok": h.last_ok, "last_fail": h.last_fail,
+        "detail": h.detail,
+        "down_grace_until": until if until is not None and until > now else None,
+    }
+
+
+def explain(guard: Guard, args: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = set(args) - {"client", "rcpt", "helo", "authenticated"}
+    if unknown:
+        raise BadRequest(f"explain: unknown argument {sorted(unknown)[0]!r} "
+                         "(known: authenticated, client, helo, rcpt)")
+    client_text, rcpt = args.get("client"), args.get("rcpt")
+    client = client_address(client_text) if isinstance(client_text, str) else None
+    if client is None:
+        raise BadRequest(f"explain: client {client_text!r} is not an IP address")
+    domain = recipient_domain(rcpt) if isinstance(rcpt, str) else None
+    if domain is None:
+        raise BadRequest(f"explain: rcpt {rcpt!r} has no domain")
+    helo, authenticated = args.get("helo", ""), args.get("authenticated", False)
+    if not isinstance(helo, str) or not isinstance(authenticated, bool):
+        raise BadRequest("explain: helo must be a string and authenticated true or false")
+    now = time.time()
+    verdict = guard.decide(Connection(client, helo, authenticated, now), domain)
+    config, source = guard.config, _source(guard)
+    mxset = guard.directory.get(domain)
+    targets: set[Target] = set()
+    if mxset is not None:
+        for host in higher_priority_hosts(mxset, config.me.identity):
+            targets.update(host.targets())
+    prober = [p for p in prober_data(guard, now) if Target.parse(p["target"]) in targets]
+    text = render_verdict(verdict, config.me.node, source) + render_prober(prober, now)
+    return {"verdict": {**verdict_data(verdict, config.me.node, source), "prober": prober},
+            "text": text}
+
+
+def _ago(now: float, then: float | None) -> str:
+    if then is None:
+        return "never"
+    seconds = max(0, int(now - then))
+    return f"{seconds}s ago" if seconds < 120 else f"{seconds // 60}m ago"
+
+
+def render_prober(prober: list[dict[str, Any]], now: float) -> str:
+    """This node's hysteresis and down_grace memory, one line per target."""
+    if not prober:
+        return ""
+    lines = ["", "this node's prober (hysteresis, down_grace):"]
+    for p in prober:
+        until = p["down_grace_until"]
+        grace = (f"down_grace until {iso_time(until)} (failed {_ago(now, p['last_fail'])})"
+                 if until is not None else "no failure within down_grace")
+        lines.append(
+            f"  {p['target']:<24} {p['state'].upper():<8} {p['successes']} ok in a row "
+            f"(rise {p['rise']}), {p['failures']} failed in a row (fall {p['fall']});  last ok "
+            f"{_ago(now, p['last_ok'])}, last fail {_ago(now, p['last_fail'])}; {grace}")
+        lines.append(f"  {'':<24} last probe {_ago(now, p['last_probe'])}: {p['detail']}")
+    return "\n".join(lines) + "\n"
