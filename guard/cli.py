@@ -17,11 +17,18 @@ from typing import Any
 
 from guard import __version__
 from guard.config import Config, ConfigError, config_path, load_config
-from guard.control import ControlError, ControlUnavailable, ask, control_socket_path
+from guard.control import (
+    ControlError,
+    ControlUnavailable,
+    ask,
+    control_socket_path,
+    control_socket_path_of_file,
+)
 from guard.discovery import MxDirectory, directory_for
 from guard.live import render_prober
 from guard.logsetup import Logs
 from guard.policy import Connection, client_address, decide, recipient_domain
+from guard.reload import block_reload_signal
 from guard.status import (
     HealthView,
     gather_health,
@@ -71,18 +78,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     from guard.control import ControlServer
     from guard.live import commands_for
     from guard.milter import serve
+    from guard.reload import Reloader
     from guard.service import Guard
 
     config = _load(args)
     args.logs.apply(config.log)
     guard = Guard(config)
     guard.start()
-    control = ControlServer(control_socket_path(config), commands_for(guard),
-                            config.control.timeout)
+    reloader = Reloader(guard, args.logs)
+    commands = commands_for(guard)
+    reloader.register(commands)
+    control = ControlServer(control_socket_path(config), commands, config.control.timeout)
     control.start()
+    reloader.start_signal_thread()
     try:
         serve(guard)
     finally:
+        reloader.stop()
         control.stop()
         guard.stop()
     return EXIT_OK
@@ -173,6 +185,31 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    path = control_socket_path_of_file(config_path(args.config))
+    if path is None:  # not even TOML: no socket to find, and the guard would refuse it
+        try:
+            _load(args)
+        except ConfigError as e:
+            print(f"mx-guard reload: refused, the running guard was not asked: {e}",
+                  file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        outcome = ask(path, "reload", {}, timeout=30)
+    except ControlUnavailable as e:
+        print(f"mx-guard reload: no running guard answers on {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not outcome["applied"]:
+        print(f"mx-guard reload: refused, the running config stays: {outcome['error']}",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    changed = ", ".join(outcome["changed"]) or "nothing"
+    print(f"{outcome['path']}: reloaded, changed {changed}")
+    if outcome["kept"]:
+        print(f"kept until a restart: {', '.join(outcome['kept'])}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mx-guard",
@@ -190,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("run", parents=[common], help="run the milter, prober and refresher")
     sub.add_parser("probe", parents=[common], help="run the prober only")
     sub.add_parser("check-config", parents=[common], help="validate the config file")
+    sub.add_parser("reload", parents=[common], help="make the running guard re-read its "
+                   "config file (as SIGUSR1 does)")
     p = sub.add_parser("status", parents=[common], help="domains, MX tiers and health")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("explain", parents=[common], help="the verdict for a client and "
@@ -210,6 +249,7 @@ COMMANDS = {
     "check-config": cmd_check_config,
     "explain": cmd_explain,
     "status": cmd_status,
+    "reload": cmd_reload,
 }
 
 
@@ -217,6 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         block_stop_signals()  # before the log writer thread starts
+        block_reload_signal()
     args.logs = Logs(args.log_level, background=args.command in ("run", "probe"))
     try:
         return COMMANDS[args.command](args)

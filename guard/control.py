@@ -27,11 +27,12 @@ import logging
 import os
 import socket
 import threading
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from guard.config import Config
+from guard.config import Config, ConfigError, load_config, parse_config
 
 log = logging.getLogger("guard.control")
 
@@ -64,6 +65,26 @@ def control_socket_path(config: Config) -> str:
     if kind in ("unix", "local"):
         return os.path.join(os.path.dirname(rest), SOCKET_NAME)
     return os.path.join(INET_MILTER_SOCKET_DIR, SOCKET_NAME)
+
+
+def control_socket_path_of_file(path: str) -> str | None:
+    """The control socket a config file names, even when the rest of the file is
+    invalid (``mx-guard reload`` must reach the guard to have a bad file refused);
+    None when the file cannot be read as TOML at all."""
+    try:
+        return control_socket_path(load_config(path))
+    except ConfigError:
+        pass
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    wanted = {k: raw[k] for k in ("milter", "control") if isinstance(raw.get(k), dict)}
+    try:
+        return control_socket_path(parse_config(wanted, path))
+    except ConfigError:
+        return control_socket_path(Config())
 
 
 @dataclass(frozen=True)
@@ -157,6 +178,8 @@ class ControlServer:
         return True
 
     def _bind(self) -> socket.socket:
+        # As the milter's socket directory would be (umask permitting): not world-open.
+        os.makedirs(os.path.dirname(self.path) or ".", mode=0o770, exist_ok=True)
         if os.path.exists(self.path):
             if _answers(self.path):
                 raise OSError(f"another process serves {self.path}")

@@ -200,6 +200,15 @@ class Prober:
             observations = [t.observation() for t in self._trackers.values()]
         return [o for o in observations if o is not None]
 
+    def reconfigure(self, config: Config) -> None:
+        """Use a reloaded config from the next probe on; every target keeps its state,
+        counts and times (probing is not restarted). ``probe.concurrency`` and
+        ``self.node`` stay as they were started."""
+        with self._lock:
+            self._config = config
+            for tracker in self._trackers.values():
+                tracker.rise, tracker.fall = config.probe.rise, config.probe.fall
+
     def hysteresis(self) -> list[Hysteresis]:
         """A copy of every target's state machine (for the control socket)."""
         with self._lock:
@@ -274,6 +283,7 @@ class Prober:
                 self._record(tracker, result)
             except Exception:  # never let one bad result end the watch
                 log.exception("recording a probe of %s failed", target)
+            p = self._config.probe  # a reload applies from the next probe on
             await asyncio.sleep(tracker.delay(p.interval, p.down_interval))
 
     def _record(self, tracker: Hysteresis, result: ProbeResult) -> None:

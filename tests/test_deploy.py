@@ -198,6 +198,8 @@ def test_unit_has_the_promised_hardening() -> None:
         assert s.get(key) == [value], f"{key}: {s.get(key)}, want {value!r}"
     assert "@system-service" in s["SystemCallFilter"]
     assert s["ExecStart"][0].endswith(" run -c /etc/mx-guard/guard.toml")
+    binary = s["ExecStart"][0].split()[0]
+    assert s["ExecReload"] == [f"{binary} reload -c /etc/mx-guard/guard.toml"]
     stop = s["TimeoutStopSec"][0]
     assert stop.endswith("s") and int(stop[:-1]) > 5, "libmilter takes up to 5 s to stop"
 
