@@ -26,14 +26,13 @@ from typing import Any, TypeVar, cast
 import Milter
 
 from guard import metrics
-from guard.config import Action
 from guard.logsafe import printable
-from guard.policy import Connection, Reason, Verdict, client_address, recipient_domain
+from guard.outcome import NO_QUEUE_ID, Envelope, header_value, log_decision, refusal
+from guard.policy import Connection, Verdict, client_address, recipient_domain
 from guard.service import Guard
 
 log = logging.getLogger("guard.milter")
 
-NO_QUEUE_ID = "NOQUEUE"
 MILTER_NAME = "mx-guard"
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -61,11 +60,6 @@ MACROS_WANTED = {
     Milter.M_ENVRCPT: "i",
     Milter.M_EOM: "i",
 }
-
-# Which verdict explains a message best when recipients got different ones.
-_HEADER_PRECEDENCE = [Reason.BYPASS, Reason.HEALTH_UNKNOWN, Reason.MX_UNKNOWN,
-                      Reason.PRIMARY_DOWN, Reason.UNREACHABLE]
-
 
 def fail_open(callback: F) -> F:
     """Run a callback; on any exception log it and answer CONTINUE."""
@@ -156,13 +150,11 @@ class GuardMilter(Milter.Base):  # type: ignore[misc]
         conn = Connection(client_address(self.client_raw), self.helo, self.authenticated,
                           self.connected_at)
         verdict = self.guard.decide(conn, domain)
-        if verdict.action in (Action.TEMPFAIL, Action.REJECT):
-            policy = self.guard.config.policy
-            template = policy.reply if verdict.action is Action.TEMPFAIL else policy.reject_reply
-            reply = template.for_domain(domain)
+        reply = refusal(verdict, self.guard.config.policy)
+        if reply is not None:
             self.setreply(reply.code, reply.enhanced, reply.text)
             self._log(self._macro("i") or NO_QUEUE_ID, recipient, verdict)
-            return TEMPFAIL if verdict.action is Action.TEMPFAIL else REJECT
+            return TEMPFAIL if reply.code[0] == "4" else REJECT
         self.decisions.append(_Decision(recipient, verdict))
         return CONTINUE
 
@@ -196,9 +188,10 @@ class GuardMilter(Milter.Base):  # type: ignore[misc]
             if self.forged_headers:
                 log.info("%s: conn=%s removed %d forged %s header(s)", printable(queue_id, 32),
                          self.conn_id, self.forged_headers, name)
-            flagged = [d.verdict for d in self.decisions if d.verdict.adds_header]
-            if flagged:
-                self.addheader(name, self._header_value(flagged))
+            value = header_value([d.verdict for d in self.decisions],
+                                 self.guard.config.me.node)
+            if value is not None:
+                self.addheader(name, value)
         finally:
             self._reset()
         return CONTINUE
@@ -224,31 +217,14 @@ class GuardMilter(Milter.Base):  # type: ignore[misc]
             return printable(e.object, 64)
         return None if value is None else str(value)
 
-    def _header_value(self, flagged: list[Verdict]) -> str:
-        flagged.sort(key=lambda v: _HEADER_PRECEDENCE.index(v.reason)
-                     if v.reason in _HEADER_PRECEDENCE else len(_HEADER_PRECEDENCE))
-        value = flagged[0].header_value(self.guard.config.me.node)
-        others = sorted({v.domain for v in flagged} - {flagged[0].domain})
-        if others:
-            value += f"; also={','.join(others)}"
-        return value
-
     def _flush_pending(self, why: str) -> None:
         for d in self.decisions:
             self._log(NO_QUEUE_ID, d.recipient, d.verdict, note=why)
         self.decisions = []
 
     def _log(self, queue_id: str, recipient: str, verdict: Verdict, note: str = "") -> None:
-        metrics.DECISIONS.labels(str(verdict.action), str(verdict.reason)).inc()
-        log.info(
-            "%s: conn=%s client=%s helo=%s from=<%s> rcpt=<%s> domain=%s action=%s "
-            "reason=%s%s detail=%s",
-            printable(queue_id, 32), self.conn_id, printable(self.client_raw, 64),
-            printable(self.helo, 80), printable(self.sender.strip("<>"), 120),
-            printable(recipient.strip("<>"), 120), printable(verdict.domain, 80),
-            verdict.action, verdict.reason, f" note={note}" if note else "",
-            printable(verdict.detail, 400),
-        )
+        envelope = Envelope(self.conn_id, self.client_raw, self.helo, self.sender)
+        log_decision(queue_id, envelope, recipient, verdict, note)
 
 
 def serve(guard: Guard) -> None:
