@@ -5,7 +5,8 @@ snapshot its milter decides from (with any store, ``memory://`` included), the
 prober's hysteresis for every target (state, successes and failures against rise and
 fall, last probe, last ok, last fail) and the down_grace memory (until when a past
 failure keeps a target down). ``explain`` runs the milter's own ``decide()`` on that
-snapshot. The text is rendered by the same functions the CLI uses without a guard
+snapshot, with the bypass evidence peeked from the guard's own store (never counted
+as a try). The text is rendered by the same functions the CLI uses without a guard
 (guard/status.py), plus the part only a running guard knows.
 """
 
@@ -17,9 +18,18 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from guard.control import BadRequest, CommandTable
+from guard.evidence import Evidence, EvidenceRules, bypass_try, verified_name
 from guard.health import Target
 from guard.mxset import higher_priority_hosts
-from guard.policy import Connection, client_address, iso_time, recipient_domain
+from guard.policy import (
+    Connection,
+    Reason,
+    client_address,
+    decide,
+    iso_time,
+    recipient_domain,
+    with_evidence,
+)
 from guard.status import HealthView, render_verdict, status_data, verdict_data
 from guard.store.base import StoreError
 
@@ -48,11 +58,14 @@ def _source(guard: Guard) -> str:
 
 
 def _view(guard: Guard) -> HealthView:
+    heartbeats: dict[str, float] | None
     try:
         history = tuple(guard.store.history(HISTORY_SHOWN))
+        heartbeats = guard.store.heartbeats()
     except StoreError:
-        history = ()
-    return HealthView(guard.snapshot, _source(guard), history, guard.store.description)
+        history, heartbeats = (), None
+    return HealthView(guard.snapshot, _source(guard), history, guard.store.description,
+                      heartbeats)
 
 
 def _no_args(args: Mapping[str, Any], command: str) -> None:
@@ -91,11 +104,16 @@ def _hysteresis(h: Hysteresis, now: float, down_grace: float) -> dict[str, Any]:
     }
 
 
+EXPLAIN_ARGS = ("authenticated", "client", "client_name", "from", "helo", "rcpt")
+
+
 def explain(guard: Guard, args: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = set(args) - {"client", "rcpt", "helo", "authenticated"}
+    """The milter's decision now, with the evidence as the next try would find it
+    (peeked, not counted: explaining must not move a sender towards its release)."""
+    unknown = set(args) - set(EXPLAIN_ARGS)
     if unknown:
         raise BadRequest(f"explain: unknown argument {sorted(unknown)[0]!r} "
-                         "(known: authenticated, client, helo, rcpt)")
+                         f"(known: {', '.join(EXPLAIN_ARGS)})")
     client_text, rcpt = args.get("client"), args.get("rcpt")
     client = client_address(client_text) if isinstance(client_text, str) else None
     if client is None:
@@ -104,19 +122,39 @@ def explain(guard: Guard, args: Mapping[str, Any]) -> dict[str, Any]:
     if domain is None:
         raise BadRequest(f"explain: rcpt {rcpt!r} has no domain")
     helo, authenticated = args.get("helo", ""), args.get("authenticated", False)
-    if not isinstance(helo, str) or not isinstance(authenticated, bool):
-        raise BadRequest("explain: helo must be a string and authenticated true or false")
+    sender, client_name = args.get("from", ""), args.get("client_name")
+    if not (isinstance(helo, str) and isinstance(sender, str)
+            and isinstance(authenticated, bool)
+            and (client_name is None or isinstance(client_name, str))):
+        raise BadRequest("explain: helo, from and client_name must be strings, "
+                         "authenticated true or false")
     now = time.time()
-    verdict = guard.decide(Connection(client, helo, authenticated, now), domain)
     config, source = guard.config, _source(guard)
+    conn = Connection(client, now, helo, authenticated, verified_name(client_name, None))
+    verdict = decide(conn, domain, guard.directory.get(domain), guard.snapshot, config)
+    evidence_source = "none needed (not a bypass)"
+    if verdict.reason is Reason.BYPASS:
+        bypass = bypass_try(client, conn.client_name, sender, str(rcpt), now, config.release)
+        evidence: Evidence | None
+        try:
+            evidence = guard.store.peek_bypass(bypass, EvidenceRules.of(config))
+            evidence_source = (f"the running guard's store {guard.store.description}, as if "
+                               "this were the next try (not counted)")
+        except StoreError as e:
+            evidence = None
+            evidence_source = (f"store {guard.store.description} unreachable ({e}): the "
+                               "plain action applies")
+        verdict = with_evidence(verdict, evidence, config)
     mxset = guard.directory.get(domain)
     targets: set[Target] = set()
     if mxset is not None:
         for host in higher_priority_hosts(mxset, config.me.identity):
             targets.update(host.targets())
     prober = [p for p in prober_data(guard, now) if Target.parse(p["target"]) in targets]
-    text = render_verdict(verdict, config.me.node, source) + render_prober(prober, now)
-    return {"verdict": {**verdict_data(verdict, config.me.node, source), "prober": prober},
+    text = (render_verdict(verdict, config.me.node, source)
+            + f"evidence: {evidence_source}\n" + render_prober(prober, now))
+    return {"verdict": {**verdict_data(verdict, config.me.node, source), "prober": prober,
+                        "evidence_source": evidence_source},
             "text": text}
 
 
