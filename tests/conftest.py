@@ -8,10 +8,11 @@ host can run the part it can:
     redis  starts its own redis-server
     mta    drives a real Postfix or Sendmail, or Debian's miltertest
     root   needs root (namespaces, other users, MTAs)
+    tools  runs a tool that tests/support/install-test-deps.sh installs (promtool, groff)
 
 The markers follow from the fixtures a test uses and the module it lives in; a test
 that starts such a part by hand is marked where it is written.  A test with none of
-redis, mta or root is a unit test.
+redis, mta, root or tools is a unit test.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytest
 
 from tests.support.redis_fixtures import redis_server, sentinel_cluster, tls_redis_server  # noqa: F401
 
-NEEDS = ("redis", "mta", "root")
+NEEDS = ("redis", "mta", "root", "tools")
 
 FIXTURE_NEEDS = {
     "redis_server": ("redis",),

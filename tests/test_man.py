@@ -5,6 +5,7 @@ ones only a restart changes) in mx-guard.toml(5), nothing documented that is gon
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ COMMON = {"-c", "--config", "--log-level"}  # documented once, under OPTIONS
 NOT_DOCUMENTED_PER_COMMAND = {"-h", "--help"}
 
 
+@pytest.mark.tools
 @pytest.mark.parametrize("page", [GUARD_8, TOML_5], ids=lambda p: p.name)
 def test_renders_without_warnings(page: Path) -> None:
     groff = shutil.which("groff")
@@ -53,7 +55,7 @@ def options_in(text: str) -> set[str]:
     """Options named where an option is defined: after .TP, in .B/.BI/.BR lines."""
     found: set[str] = set()
     lines = text.splitlines()
-    for before, line in zip(lines, lines[1:], strict=False):
+    for before, line in itertools.pairwise(lines):
         if before == ".TP" and re.match(r"^\.B[IR]? ", line):
             found.update(o.replace("\\-", "-")
                          for o in re.findall(r"(?<![\w\\])((?:\\-){1,2}[\w\\-]+)", line))
@@ -78,12 +80,12 @@ def test_every_command_and_option_is_in_mx_guard_8() -> None:
     common = options_in(blocks(GUARD_8, "SH")["OPTIONS"])
     top = {o for a in build_parser()._actions for o in a.option_strings}
     assert common == COMMON | NOT_DOCUMENTED_PER_COMMAND | top
-    assert all(COMMON <= options for options in commands.values())
+    assert all(options >= COMMON for options in commands.values())
 
 
 def keys_in(text: str) -> list[str]:
     lines = text.splitlines()
-    return [line.removeprefix(".B ") for before, line in zip(lines, lines[1:], strict=False)
+    return [line.removeprefix(".B ") for before, line in itertools.pairwise(lines)
             if before == ".TP" and line.startswith(".B ")]
 
 
