@@ -37,12 +37,14 @@ log = logging.getLogger("guard.reload")
 RELOAD_SIGNAL = signal.SIGUSR1
 
 # (section, key): bound at start (sockets, store connection, node identity in the
-# store, the prober's concurrency bound, the exporter), so kept until a restart.
+# store, the prober's concurrency bound, the role and its queue, the exporter), so
+# kept until a restart.
 RESTART_ONLY = (
     ("milter", "socket"), ("milter", "timeout"),
     ("store", "url"), ("store", "prefix"), ("store", "timeout"),
     ("self", "node"),
     ("probe", "concurrency"),
+    ("witness", "role"), ("witness", "queue"),
     ("metrics", "listen"),
     ("control", "socket"), ("control", "timeout"),
 )
@@ -141,6 +143,8 @@ class Reloader:
         if guard.prober is not None:
             guard.prober.reconfigure(config)
         guard.refresher.reconfigure(config.store.refresh, config.aggregation)
+        if guard.witness is not None:
+            guard.witness.reconfigure(config)
         guard.config = config  # one reference swap: a callback sees old or new
         if self._logs is not None:
             self._logs.apply(config.log)
