@@ -26,7 +26,7 @@ from guard.control import (
 )
 from guard.discovery import MxDirectory, directory_for
 from guard.evidence import Evidence, EvidenceRules, bypass_try, verified_name
-from guard.live import render_prober
+from guard.live import render_prober, traps_of
 from guard.logsetup import Logs
 from guard.policy import (
     Connection,
@@ -216,14 +216,19 @@ def _shared_store(config: Config, what: str) -> Store | None:
 
 def cmd_traps(args: argparse.Namespace) -> int:
     config = _load(args)
-    store = _shared_store(config, "traps")
-    if store is None:
-        return EXIT_BAD_INPUT
     now = time.time()
-    try:
-        traps = [t for t in store.traps(now, config.traps.ttl) if t.count >= args.min]
-    finally:
-        store.close()
+    live, why_not = _ask_guard(config, "traps", {})
+    if live is not None:
+        traps = [t for t in traps_of(live) if t.count >= args.min]
+    else:
+        print(f"mx-guard traps: {why_not}; reading the store", file=sys.stderr)
+        store = _shared_store(config, "traps")
+        if store is None:
+            return EXIT_BAD_INPUT
+        try:
+            traps = [t for t in store.traps(now, config.traps.ttl) if t.count >= args.min]
+        finally:
+            store.close()
     header = (f"mx-guard traps, {iso_time(now)}: {len(traps)} client(s) with at least "
               f"{args.min} bypass(es) within {config.traps.ttl:g}s")
     if args.json or args.format == "json":

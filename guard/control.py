@@ -10,8 +10,8 @@ one JSON object per line each way::
 
 Commands live in a ``CommandTable`` (name -> handler), so a feature adds its own
 without touching the protocol. A handler takes the request's ``args`` object and
-returns something JSON can encode; ``BadRequest`` becomes a clear error answer, any
-other exception an "internal error" answer and one log line.
+returns something JSON can encode; ``BadRequest`` and ``CommandFailed`` become a
+clear error answer, any other exception an "internal error" answer and one log line.
 
 Serving never touches the milter: it has its own accept thread and one thread per
 client, at most ``MAX_CLIENTS`` at once (more are told the guard is busy), and every
@@ -47,6 +47,10 @@ Handler = Callable[[Mapping[str, Any]], Any]
 
 class BadRequest(Exception):
     """The request is malformed or its arguments are wrong (the client's fault)."""
+
+
+class CommandFailed(Exception):
+    """The command could not be done now, e.g. the store did not answer (transient)."""
 
 
 class ControlUnavailable(Exception):
@@ -115,7 +119,7 @@ class CommandTable:
             command, args = self._parse(line)
             result = command.handler(args)
             reply: dict[str, Any] = {"ok": True, "result": result}
-        except BadRequest as e:
+        except (BadRequest, CommandFailed) as e:
             reply = {"ok": False, "error": str(e)}
         except Exception as e:  # a bug in a handler must not end serving
             log.exception("control command failed")

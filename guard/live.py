@@ -1,6 +1,6 @@
 """What a running guard answers on its control socket, and how the CLI shows it.
 
-``status`` and ``explain`` here read the running node's own state: the health
+``status``, ``explain`` and ``traps`` here read the running node's own state: the health
 snapshot its milter decides from (with any store, ``memory://`` included), the
 prober's hysteresis for every target (state, successes and failures against rise and
 fall, last probe, last ok, last fail) and the down_grace memory (until when a past
@@ -17,8 +17,8 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from guard.control import BadRequest, CommandTable
-from guard.evidence import Evidence, EvidenceRules, bypass_try, verified_name
+from guard.control import BadRequest, CommandFailed, CommandTable
+from guard.evidence import Evidence, EvidenceRules, Trap, bypass_try, verified_name
 from guard.health import Target
 from guard.mxset import higher_priority_hosts
 from guard.policy import (
@@ -47,7 +47,27 @@ def commands_for(guard: Guard) -> CommandTable:
               "domains, MX tiers, the running node's health, hysteresis and down_grace")
     table.add("explain", lambda args: explain(guard, args),
               "the verdict the milter would give now, and why")
+    table.add("traps", lambda args: traps(guard, args),
+              "the trap list as the guard's own store has it")
     return table
+
+
+def traps(guard: Guard, args: Mapping[str, Any]) -> dict[str, Any]:
+    """The trap list from the guard's store: with memory://, the only way to read it."""
+    _no_args(args, "traps")
+    now = time.time()
+    try:
+        listed = guard.store.traps(now, guard.config.traps.ttl)
+    except StoreError as e:
+        raise CommandFailed(f"store {guard.store.description} unreachable: {e}") from None
+    return {"time": now, "ttl": guard.config.traps.ttl,
+            "traps": [{"address": t.address, "count": t.count, "last_at": t.last_at}
+                      for t in listed]}
+
+
+def traps_of(answer: Mapping[str, Any]) -> list[Trap]:
+    """The ``traps`` answer back as Trap values, for the renderers of guard/traplist.py."""
+    return [Trap(t["address"], int(t["count"]), float(t["last_at"])) for t in answer["traps"]]
 
 
 def _source(guard: Guard) -> str:

@@ -245,3 +245,11 @@ def test_milter_answers_while_control_clients_hang(tmp_path: Path) -> None:
         finally:
             for s in hanging:
                 s.close()
+        # The memory store's trap list, which only the running guard can show.
+        traps = cli(guard.config, "traps", "--format", "json")
+        assert traps.returncode == 0, traps.stderr
+        assert [t["address"] for t in json.loads(traps.stdout)["traps"]] == ["192.0.2.7"]
+        assert "reading the store" not in traps.stderr
+    fallback = cli(guard.config, "traps")
+    assert fallback.returncode == 1
+    assert f"no running guard answers on {tmp_path}/control.sock" in fallback.stderr
