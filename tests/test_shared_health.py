@@ -582,9 +582,11 @@ def test_two_nodes_one_redis_see_different_things(redis_server: RedisServer,
         views = {o.node: o for o in store.observations() if o.target == target}
         assert views["mxa"].state is State.UP and views["mxb"].state is State.DOWN, views
 
-        # 7: status, from A's config, shows both nodes' observations and the history.
+        # 7: status, from A's config, asks A (its control socket) and shows both nodes'
+        # observations, from A's snapshot of the store, and the history.
         data = json.loads(status(a.config, "--json"))
-        assert data["node"] == "mxa" and data["health_source"].startswith("store unix://")
+        assert data["node"] == "mxa" and data["store"].startswith("unix://")
+        assert data["health_source"].startswith("the running guard (node mxa, pid ")
         assert {d["name"] for d in data["domains"]} == {"example.org", "flagged.example"}
         [dom] = [d for d in data["domains"] if d["name"] == "example.org"]
         assert dom["known"] and dom["self_preference"] == 20 and dom["action"] == "tempfail"
