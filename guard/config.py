@@ -419,7 +419,7 @@ class LogConfig:
 @dataclass(frozen=True)
 class ControlConfig:
     socket: str = _setting("", _socket_path(empty_ok=True),
-                           "Unix socket path; empty: control.sock beside the milter socket")
+                           "Unix socket path; empty: NAME.control.sock beside NAME.sock")
     timeout: float = _setting(1.0, _duration, "a client's time to send and read")
 
 

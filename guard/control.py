@@ -1,8 +1,8 @@
 """The control socket: a small local protocol between the CLI and a running guard.
 
 ``mx-guard run`` listens on a Unix stream socket (``[control] socket``; by default
-``control.sock`` beside the milter socket), mode 0660. One request per connection,
-one JSON object per line each way::
+``NAME.control.sock`` beside the milter socket ``NAME.sock``), mode 0660. One request
+per connection, one JSON object per line each way::
 
     -> {"command": "status", "args": {}}
     <- {"ok": true, "result": {...}}
@@ -37,8 +37,8 @@ from guard.config import Config, ConfigError, load_config, parse_config
 log = logging.getLogger("guard.control")
 
 SOCKET_MODE = 0o660
-SOCKET_NAME = "control.sock"
-INET_MILTER_SOCKET_DIR = "/run/mx-guard"  # where it goes when the milter listens on inet
+# With an inet milter socket there is no directory to go beside: this one.
+INET_MILTER_CONTROL_SOCKET = "/run/mx-guard/guard.control.sock"
 REQUEST_MAX_BYTES = 64 * 1024
 MAX_CLIENTS = 8
 
@@ -62,13 +62,15 @@ class ControlError(Exception):
 
 
 def control_socket_path(config: Config) -> str:
-    """``[control] socket``, or ``control.sock`` beside a Unix milter socket."""
+    """``[control] socket``, or beside a Unix milter socket and named after it
+    (``guard.sock`` -> ``guard.control.sock``), so two guards whose milter sockets
+    share a directory do not share a control socket."""
     if config.control.socket:
         return config.control.socket
     kind, _, rest = config.milter.socket.partition(":")
     if kind in ("unix", "local"):
-        return os.path.join(os.path.dirname(rest), SOCKET_NAME)
-    return os.path.join(INET_MILTER_SOCKET_DIR, SOCKET_NAME)
+        return rest.removesuffix(".sock") + ".control.sock"
+    return INET_MILTER_CONTROL_SOCKET
 
 
 def control_socket_path_of_file(path: str) -> str | None:

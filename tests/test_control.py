@@ -93,9 +93,9 @@ def test_a_command_is_registered_once() -> None:
     ("label", "toml", "want"),
     [
         ("beside a unix milter socket", {"milter": {"socket": "unix:/var/spool/x/guard.sock"}},
-         "/var/spool/x/control.sock"),
+         "/var/spool/x/guard.control.sock"),
         ("inet milter socket", {"milter": {"socket": "inet:9900@127.0.0.1"}},
-         "/run/mx-guard/control.sock"),
+         "/run/mx-guard/guard.control.sock"),
         ("its own key", {"control": {"socket": "/run/g/ctl.sock"}}, "/run/g/ctl.sock"),
     ],
     ids=lambda v: v if isinstance(v, str) and " " in v else "",
@@ -221,7 +221,7 @@ def test_status_and_explain_see_the_running_guard_through_an_outage(tmp_path: Pa
                 assert c.rcpt("<a@example.org>").proceeds
     gone = cli(guard.config, "status")
     assert gone.returncode == 0, gone.stderr
-    assert f"no running guard answers on {tmp_path}/control.sock" in gone.stdout
+    assert f"no running guard answers on {tmp_path}/guard.control.sock" in gone.stdout
     assert "probed once now" in gone.stdout
 
 
@@ -235,7 +235,7 @@ def test_milter_answers_while_control_clients_hang(tmp_path: Path) -> None:
         try:
             for _ in range(MAX_CLIENTS + 2):
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                s.connect(f"{tmp_path}/control.sock")
+                s.connect(f"{tmp_path}/guard.control.sock")
                 s.sendall(b'{"command": "sta')  # and never the rest
                 hanging.append(s)
             with MilterClient(socket_, timeout=5) as c:
@@ -252,4 +252,4 @@ def test_milter_answers_while_control_clients_hang(tmp_path: Path) -> None:
         assert "reading the store" not in traps.stderr
     fallback = cli(guard.config, "traps")
     assert fallback.returncode == 1
-    assert f"no running guard answers on {tmp_path}/control.sock" in fallback.stderr
+    assert f"no running guard answers on {tmp_path}/guard.control.sock" in fallback.stderr
