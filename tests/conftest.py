@@ -60,6 +60,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         for fixture in getattr(item, "fixturenames", ()):
             needs.update(FIXTURE_NEEDS.get(fixture, ()))
         needs.update(m.name for m in item.iter_markers() if m.name in NEEDS)
+        # The store suites run each test once per kind of store, named by a parameter
+        # ("memory", "redis") whose fixture starts the server by getfixturevalue().
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and any(v == "redis" for v in callspec.params.values()):
+            needs.add("redis")
         for need in sorted(needs):
             item.add_marker(need)
         if not needs:
