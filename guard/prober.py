@@ -92,9 +92,24 @@ class Hysteresis:
             self.last_probe, self.last_ok, self.last_fail, self.detail,
         )
 
-    def delay(self, interval: float, down_interval: float) -> float:
-        base = interval if self.state is State.UP else down_interval
-        return base * (1.0 + random.uniform(-JITTER, JITTER))
+    def delay(
+        self, interval: float, down_interval: float,
+        uniform: Callable[[float, float], float] = random.uniform,
+    ) -> float:
+        return next_probe_delay(self.state, interval, down_interval, uniform)
+
+
+def next_probe_delay(
+    state: State, interval: float, down_interval: float,
+    uniform: Callable[[float, float], float] = random.uniform,
+) -> float:
+    """Seconds from the end of one probe to the start of the next.
+
+    ``uniform`` draws the jitter; a seeded ``random.Random().uniform`` makes the
+    schedule reproducible (the simulator runs the prober's schedule on a virtual clock).
+    """
+    base = interval if state is State.UP else down_interval
+    return base * (1.0 + uniform(-JITTER, JITTER))
 
 
 @dataclass

@@ -11,7 +11,7 @@ import pytest
 
 from guard.config import Config, ProbeMode, parse_config
 from guard.health import AggregationRules, State, Target
-from guard.prober import Prober, Publisher
+from guard.prober import Prober, Publisher, next_probe_delay
 from guard.probes import ProbeClass, probe
 from guard.refresher import Refresher
 from guard.store.memory import MemoryStore
@@ -153,3 +153,15 @@ def test_a_broken_primary_never_stops_the_prober() -> None:
             assert observation.state is State.DOWN and observation.detail.startswith("error")
         finally:
             prober.stop()
+
+
+def test_next_probe_delay_follows_state_and_a_seeded_jitter() -> None:
+    import random
+
+    first = [next_probe_delay(s, 10.0, 3.0, random.Random(7).uniform)
+             for s in (State.UP, State.DOWN, State.UNKNOWN)]
+    again = [next_probe_delay(s, 10.0, 3.0, random.Random(7).uniform)
+             for s in (State.UP, State.DOWN, State.UNKNOWN)]
+    assert first == again
+    assert 9.0 <= first[0] <= 11.0
+    assert 2.7 <= first[1] <= 3.3 and 2.7 <= first[2] <= 3.3
