@@ -19,6 +19,8 @@ from guard import __version__
 from guard.config import Config, ConfigError, config_path, load_config
 from guard.discovery import MxDirectory, directory_for
 from guard.policy import Connection, client_address, decide, recipient_domain
+from guard.simulate.cli import add_arguments as simulate_arguments
+from guard.simulate.cli import run as cmd_simulate
 from guard.status import (
     HealthView,
     gather_health,
@@ -204,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--authenticated", action="store_true",
                    help="the client authenticated (SMTP AUTH)")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("simulate", parents=[common], help="replay a scenario of mail on a virtual clock "
+                       "through the guard's own decisions")
+    simulate_arguments(p)
     return parser
 
 
@@ -213,6 +218,7 @@ COMMANDS = {
     "check-config": cmd_check_config,
     "explain": cmd_explain,
     "status": cmd_status,
+    "simulate": cmd_simulate,
 }
 
 
