@@ -158,7 +158,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(f"mx-guard explain: --rcpt {args.rcpt!r} has no domain", file=sys.stderr)
         return EXIT_BAD_INPUT
     directory, view = _current_view(config)
-    conn = Connection(client, args.helo, args.authenticated, time.time())
+    conn = Connection(client, time.time(), args.helo, args.authenticated)
     verdict = decide(conn, domain, directory.get(domain), view.snapshot, config)
     if args.json:
         data = verdict_data(verdict, config.me.node, view.source)

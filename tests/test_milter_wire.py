@@ -82,8 +82,8 @@ def test_negotiates_no_reply_skips_and_only_the_macros_used(running: Running) ->
     assert all(n.no_reply(step) for step in ("connect", "helo", "mail", "header"))
     assert not n.no_reply("rcpt")
     assert all(n.skips(step) for step in ("data", "eoh", "body"))
-    assert n.macros == {"connect": ("{client_addr}",), "mail": ("{auth_authen}",),
-                        "rcpt": ("i",), "eom": ("i",)}
+    assert n.macros == {"connect": ("{client_addr}", "{client_name}", "{client_resolve}"),
+                        "mail": ("{auth_authen}",), "rcpt": ("i",), "eom": ("i",)}
 
 
 def test_bypass_unguarded_trusted_and_flag(running: Running) -> None:

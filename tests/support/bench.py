@@ -112,7 +112,7 @@ def decide_bench() -> tuple[float, float]:
     dom = config.domain("example.org")
     assert dom is not None and dom.mx is not None
     mxset = MxSet("example.org", dom.mx)
-    conn = Connection(client_address("203.0.113.7"), "", False, now)
+    conn = Connection(client_address("203.0.113.7"), now)
     table = {"example.org": mxset}
 
     def per_call(fn: Callable[[], object], n: int = 20000) -> float:
