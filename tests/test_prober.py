@@ -60,6 +60,7 @@ def fast_config(targets: int = 1, **probe: object) -> Config:
         "probe": {"interval": "100ms", "down_interval": "100ms", "timeout": "500ms",
                   "rise": 2, "fall": 2, **probe},
         "policy": {"stale_after": "5s"},
+        "witness": {"heartbeat": "1s"},  # must beat stale_after
     })
 
 
