@@ -148,6 +148,26 @@ class Publisher:
                 self._outbox.transitions.append(transition)
             self._cond.notify_all()
 
+    def flush(self) -> bool:
+        """Write what is waiting, in one store call; False if that failed (what was
+        taken is put back for the next try). The thread calls it; so can a caller that
+        runs on its own clock (the simulator)."""
+        with self._cond:
+            batch, self._outbox = self._outbox, _Outbox()
+        if not batch.observations and not batch.transitions:
+            return True
+        try:
+            self._store.publish(list(batch.observations.values()), list(batch.transitions))
+            self._episode.succeeded()
+            return True
+        except StoreError as e:
+            self._episode.failed(e)
+            metrics.STORE_ERRORS.labels("publish").inc()
+        except Exception:  # a bug must not end publishing for good
+            log.exception("publishing observations failed")
+        self._requeue(batch)
+        return False
+
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -156,21 +176,9 @@ class Publisher:
                 )
                 if self._stopping:
                     return
-                batch, self._outbox = self._outbox, _Outbox()
-            if not batch.observations and not batch.transitions:
-                continue
-            try:
-                self._store.publish(list(batch.observations.values()), list(batch.transitions))
-                self._episode.succeeded()
-                continue
-            except StoreError as e:
-                self._episode.failed(e)
-                metrics.STORE_ERRORS.labels("publish").inc()
-            except Exception:  # a bug must not end publishing for good
-                log.exception("publishing observations failed")
-            self._requeue(batch)
-            with self._cond:
-                self._cond.wait_for(lambda: self._stopping, timeout=self._retry_after)
+            if not self.flush():
+                with self._cond:
+                    self._cond.wait_for(lambda: self._stopping, timeout=self._retry_after)
 
     def _requeue(self, batch: _Outbox) -> None:
         with self._cond:
@@ -266,7 +274,8 @@ class Prober:
         p = self._config.probe
         return await probe(target, p.mode, p.timeout, self._config.probe_helo)
 
-    async def _watch(self, target: Target, limit: asyncio.Semaphore) -> None:
+    def track(self, target: Target) -> Hysteresis:
+        """Start keeping state for a target, with what this node saw before a restart."""
         p = self._config.probe
         tracker = Hysteresis(target, self._config.me.node, p.rise, p.fall)
         previous = self._remembered(target)
@@ -274,18 +283,24 @@ class Prober:
             tracker.remember(previous)
         with self._lock:
             self._trackers[target] = tracker
+        return tracker
+
+    async def _watch(self, target: Target, limit: asyncio.Semaphore) -> None:
+        p = self._config.probe
+        tracker = self.track(target)
         log.info("probing %s (%s mode, every %gs, timeout %gs)", target, p.mode, p.interval,
                  p.timeout)
         while True:
             async with limit:
                 result = await self.probe_once(target)
             try:
-                self._record(tracker, result)
+                self.record(tracker, result)
             except Exception:  # never let one bad result end the watch
                 log.exception("recording a probe of %s failed", target)
             await asyncio.sleep(tracker.delay(p.interval, p.down_interval))
 
-    def _record(self, tracker: Hysteresis, result: ProbeResult) -> None:
+    def record(self, tracker: Hysteresis, result: ProbeResult) -> None:
+        """Take one probe's result: state, metrics, the publisher, transition hooks."""
         metrics.PROBES.labels(str(result.result)).inc()
         with self._lock:
             transition = tracker.record(result, self._clock())
