@@ -49,7 +49,7 @@ class Guard:
         self.prober = (
             Prober(config, self.directory.targets, self.publisher,
                    on_transition=lambda _: self.refresher.lay_own(),
-                   remembered=self._remembered)
+                   remembered=self._remembered, clock=clock)
             if probing else None
         )
         self.refresher = Refresher(
@@ -57,6 +57,7 @@ class Guard:
             self.prober.own_observations if self.prober else list,
             config.store.refresh,
             config.aggregation,
+            clock,
         )
 
     def _remembered(self, target: Target) -> Observation | None:
