@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from guard.simulate.report import render, to_json
@@ -20,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Raises ConfigError (a ScenarioError) on a bad scenario: exit code 1 via main."""
+    if getattr(args, "log_level", "info") == "info":
+        # The guard logs every transition at info; a simulated day has hundreds.
+        logging.getLogger("guard").setLevel(logging.WARNING)
     scenario = load_scenario(args.scenario)
     results = simulate(scenario, args.seed)
     sys.stdout.write(to_json(results) if args.json else render(results))

@@ -1,17 +1,21 @@
-"""A secondary MX in the simulation, running the guard's own code on the virtual clock.
+"""A secondary MX in the simulation: the guard's own ``Guard``, driven on the virtual clock.
 
-Per target it keeps the prober's ``Hysteresis`` and follows the prober's schedule
-(``next_probe_delay``: ``interval`` while up, ``down_interval`` otherwise, with the
-prober's jitter from a seeded stream); a probe meets the modelled primary and takes the
-time it would take (a probe of a black hole lasts ``[probe] timeout``). Observations go
-to the shared ``MemoryStore`` (on the virtual clock) as the prober's publisher would
-send them; the guard's ``Refresher`` builds the snapshot and ``decide()`` rules.
+The node is a real ``guard.service.Guard`` (config, store, prober state, publisher,
+refresher, evidence lookup, ``decide``), built with the simulation's clock and never
+started: no thread, no asyncio loop, no socket. What its threads would do, the event
+loop does, through the same methods:
 
-What is simplified, and why it does not matter for the outcome:
-- the refresher runs before a decision whenever any node published since its last run,
-  instead of once per ``[store] refresh``: the real one lags by up to a second for
-  observations that change no state, and transitions wake it at once anyway;
-- probes are never throttled by ``[probe] concurrency``: a handful of targets.
+- per target, the prober's schedule: ``Prober.track`` makes the ``Hysteresis``, a probe
+  meets the modelled primary and lasts what it would (a black hole costs ``[probe]
+  timeout``), ``Prober.record`` takes the result, ``Publisher.flush`` writes it to the
+  store, and ``Hysteresis.delay`` (jitter from a seeded stream) sets the next probe;
+- the refresher's cycle: ``Refresher.refresh_once`` before a decision whenever
+  ``[store] refresh`` has passed since the last one (the real one runs on its own
+  timer, at most that long before); transitions lay the node's own view over the
+  snapshot at once, as in production (``Guard`` wires it);
+- a connection: ``Guard.decide`` with the client's verified name, envelope sender and
+  recipient, which looks up evidence in the store for a bypass, as the milter does.
+Probes are never throttled by ``[probe] concurrency``: a handful of targets.
 """
 
 from __future__ import annotations
@@ -20,54 +24,32 @@ import random
 from collections.abc import Callable
 
 from guard.config import Action, Config
-from guard.health import Observation, Target, Transition
-from guard.mxset import MxSet, higher_priority_hosts
-from guard.policy import Connection, Verdict, client_address, decide
-from guard.prober import Hysteresis
+from guard.health import Target
+from guard.policy import Connection, Verdict, client_address
 from guard.probes import ProbeResult
-from guard.refresher import Refresher
+from guard.service import Guard
 from guard.simulate.clock import EventLoop
 from guard.simulate.primary import SMALL_RTT, Outcome, Primary, Reply
 from guard.store.memory import MemoryStore
 
 
-class SharedStore:
-    """The one store every node shares, and a count of writes so refreshers know when
-    there is something new to read."""
-
-    def __init__(self, store: MemoryStore) -> None:
-        self.store = store
-        self.writes = 0
-
-    def publish(self, obs: Observation, transition: Transition | None) -> None:
-        self.store.publish([obs], [transition] if transition is not None else [])
-        self.writes += 1
-
-
 class SecondaryNode:
-    def __init__(self, config: Config, mxset: MxSet, shared: SharedStore, loop: EventLoop,
+    def __init__(self, config: Config, domain: str, store: MemoryStore, loop: EventLoop,
                  primary: Primary, rng: random.Random) -> None:
         self.config = config
         self.name = config.me.node
-        self.mxset = mxset
-        self._shared = shared
+        self.domain = domain
+        self.guard = Guard(config, store, probing=True, clock=loop.now)
+        assert self.guard.prober is not None
+        self._prober = self.guard.prober
         self._loop = loop
         self._primary = primary
         self._rng = rng
-        p = config.probe
-        targets = [t for h in higher_priority_hosts(mxset, config.me.identity)
-                   for t in h.targets()]
-        self.trackers = {t: Hysteresis(t, self.name, p.rise, p.fall) for t in targets}
-        self.refresher = Refresher(shared.store, self.own_observations, config.store.refresh,
-                                   config.aggregation, clock=loop.now)
-        self._seen_writes = -1
+        self.trackers = {t: self._prober.track(t) for t in sorted(self.guard.directory.targets())}
+        self._refreshed_at = float("-inf")
         self.probes = 0
         self.decisions: dict[str, int] = {}
         self.on_verdict: Callable[[SecondaryNode, Verdict], None] = lambda n, v: None
-
-    def own_observations(self) -> list[Observation]:
-        observations = [t.observation() for t in self.trackers.values()]
-        return [o for o in observations if o is not None]
 
     # -- the prober's schedule ---------------------------------------------------------
 
@@ -76,38 +58,33 @@ class SecondaryNode:
         for target in self.trackers:
             self._loop.after(self._rng.uniform(0.0, 1.0), lambda t=target: self.probe(t))
 
-    def probe(self, target: Target, scheduled: bool = True) -> None:
+    def probe(self, target: Target) -> None:
         p = self.config.probe
         result = self._primary.probe(target, p.mode, p.timeout, self._loop.now())
         self.probes += 1
-        self._loop.after(result.elapsed, lambda: self._probed(target, result, scheduled))
+        self._loop.after(result.elapsed, lambda: self._probed(target, result))
 
-    def _probed(self, target: Target, result: ProbeResult, scheduled: bool) -> None:
+    def _probed(self, target: Target, result: ProbeResult) -> None:
         tracker = self.trackers[target]
-        transition = tracker.record(result, self._loop.now())
-        obs = tracker.observation()
-        if obs is not None:
-            self._shared.publish(obs, transition)
-        if transition is not None:
-            self.refresher.lay_own()
-        if scheduled:
-            p = self.config.probe
-            delay = tracker.delay(p.interval, p.down_interval, self._rng.uniform)
-            self._loop.after(delay, lambda: self.probe(target))
+        self._prober.record(tracker, result)
+        self.guard.publisher.flush()
+        p = self.config.probe
+        delay = tracker.delay(p.interval, p.down_interval, self._rng.uniform)
+        self._loop.after(delay, lambda: self.probe(target))
 
     # -- a connection from a sender ----------------------------------------------------
 
-    def verdict(self, client: str, now: float) -> Verdict:
-        if self._seen_writes != self._shared.writes:
-            self.refresher.refresh_once()
-            self._seen_writes = self._shared.writes
-        conn = Connection(client_address(client), "", False, now)
-        return decide(conn, self.mxset.domain, self.mxset, self.refresher.snapshot,
-                      self.config)
+    def verdict(self, client: str, client_name: str | None, sender: str, recipient: str,
+                now: float) -> Verdict:
+        if now - self._refreshed_at >= self.config.store.refresh:
+            self.guard.refresher.refresh_once()
+            self._refreshed_at = now
+        conn = Connection(client_address(client), now, client_name=client_name)
+        return self.guard.decide(conn, self.domain, sender, recipient)
 
     def deliver(self, client: str, sender: str, recipient: str, client_name: str | None,
                 now: float) -> Outcome:
-        verdict = self.verdict(client, now)
+        verdict = self.verdict(client, client_name, sender, recipient, now)
         self.decisions[str(verdict.reason)] = self.decisions.get(str(verdict.reason), 0) + 1
         self.on_verdict(self, verdict)
         action = verdict.action

@@ -22,10 +22,12 @@ from guard.mxset import MxHost, MxSet, MxSource
 from guard.simulate.clock import EventLoop
 from guard.simulate.primary import Outcome, Primary, Reply
 from guard.simulate.scenario import Population, Scenario
-from guard.simulate.secondary import SecondaryNode, SharedStore
+from guard.policy import client_address
+from guard.simulate.secondary import SecondaryNode
 from guard.simulate.senders import MODELS, Message, Model, Route, SenderHost
 from guard.store import observation_ttl
 from guard.store.memory import MemoryStore
+from guard.witness import WitnessRecorder
 
 DOMAIN = "example.org"
 RECIPIENTS = 50
@@ -43,9 +45,12 @@ def _secondary_host(index: int, name: str, ipv6: bool) -> MxHost:
     return MxHost(f"{name}.example.org", 20, (v4, v6) if ipv6 else (v4,))
 
 
-def node_config(scenario: Scenario, node: str, hosts: tuple[MxHost, ...]) -> Config:
+def node_config(scenario: Scenario, node: str, hosts: tuple[MxHost, ...],
+                witness: bool = False) -> Config:
     data: dict[str, Any] = {section: dict(table) for section, table in scenario.guard.items()}
     data["self"] = {"node": node, "names": [f"{node}.example.org"]}
+    if witness:
+        data["witness"] = {**data.get("witness", {}), "role": "witness"}
     data["domain"] = [{
         "name": DOMAIN,
         "mx": [{"host": h.host, "preference": h.preference, "addresses": list(h.addresses)}
@@ -85,14 +90,36 @@ class World:
             greylist_auto_whitelist=scenario.greylist_auto_whitelist,
         )
         configs = [node_config(scenario, n, hosts) for n in scenario.secondaries]
-        store = MemoryStore(observation_ttl(configs[0]), clock=self.loop.now)
-        self.shared = SharedStore(store)
+        self.store = MemoryStore(observation_ttl(configs[0]), clock=self.loop.now)
         self.nodes = {
-            h.host: SecondaryNode(c, self.mxset, self.shared, self.loop, self.primary,
+            h.host: SecondaryNode(c, DOMAIN, self.store, self.loop, self.primary,
                                   self.rng(f"node/{c.me.node}"))
             for h, c in zip(self.secondary_hosts, configs, strict=True)
         }
+        self.witness: WitnessRecorder | None = None
+        if scenario.witness:
+            witness_config = node_config(scenario, "mx1", hosts, witness=True)
+            self.witness_config = witness_config
+            self.witness = WitnessRecorder(self.store, witness_config, self.loop.now)
+            self.primary.witness = self._witnessed
         self._order_rng = self.rng("mx-order")
+
+    def _witnessed(self, client: str, now: float) -> None:
+        address = client_address(client)
+        if self.witness is not None and address is not None:
+            self.witness.saw(address)
+            self.witness.flush()  # the real writer takes well under 100 ms
+
+    def _heartbeat(self) -> None:
+        assert self.witness is not None
+        self.witness.flush()
+        self.loop.after(self.witness_config.witness.heartbeat, self._heartbeat)
+
+    def start(self) -> None:
+        for node in self.nodes.values():
+            node.start()
+        if self.witness is not None:
+            self._heartbeat()
 
     def rng(self, stream: str) -> random.Random:
         """An independent seeded stream per component: adding a population leaves the
@@ -166,8 +193,7 @@ class World:
 def simulate(scenario: Scenario, seed: int | None = None) -> Results:
     seed = scenario.seed if seed is None else seed
     world = World(scenario, seed)
-    for node in world.nodes.values():
-        node.start()
+    world.start()
     messages: dict[str, list[Message]] = {}
     models: dict[str, Model] = {}
     for i, pop in enumerate(scenario.populations):
