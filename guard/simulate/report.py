@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from guard.simulate.senders import Message
-from guard.simulate.world import Results
+from guard.simulate.world import EPOCH, Results
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -136,7 +136,6 @@ def render(results: Results) -> str:
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(results.decisions.items()))
     lines.append(f"decisions at the secondaries: {reasons or 'none'}")
     probes = sum(n.probes for n in results.nodes)
-    lines.append(f"{results.events} events, {probes} probes, virtual time "
-                 f"{_duration(results.ended_at - min((m.submitted for ms in results.messages.values() for m in ms), default=results.ended_at))} "
-                 "from the first message to the last outcome")
+    lines.append(f"{results.events} events, {probes} probes, "
+                 f"{_duration(results.ended_at - EPOCH)} of virtual time")
     return "\n".join(lines) + "\n"

@@ -20,6 +20,7 @@ Probes are never throttled by ``[probe] concurrency``: a handful of targets.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable
 
@@ -56,7 +57,7 @@ class SecondaryNode:
     def start(self) -> None:
         # The real prober starts every target at once; a node starts with the run.
         for target in self.trackers:
-            self._loop.after(self._rng.uniform(0.0, 1.0), lambda t=target: self.probe(t))
+            self._loop.after(self._rng.uniform(0.0, 1.0), functools.partial(self.probe, target))
 
     def probe(self, target: Target) -> None:
         p = self.config.probe

@@ -299,9 +299,12 @@ class SesPool(Model):
     """An SES-like pool: every try from another machine and with a new VERP envelope
     sender (Amazon SES retries "from a new IP and a new envelope sender"), under a
     forward-confirmed amazonses.com name. Retry schedule assumed: gaps doubling from
-    5 min to 1 h; given up after 14 h (assumed)."""
+    5 min to 1 h; given up after 14 h (assumed). Like the Gmail-like pool, a 4xx at
+    RCPT sends it to the next MX (assumed, the harder case): a pool that never repeats
+    a greylisting triplet would otherwise never pass a greylisting primary at all."""
 
     name = "ses"
+    next_mx_after_rcpt_4xx = True
     retry_interval = 5 * MINUTE
     lifetime = 14 * HOUR
     networks = 16
@@ -314,7 +317,7 @@ class SesPool(Model):
                           f"a{net}-{host}.smtp-out.amazonses.com"), verp
 
     def retry_gap(self, msg: Message, now: float, rng: random.Random) -> float | None:
-        return min(HOUR, 5 * MINUTE * 2 ** (msg.tries - 1))
+        return min(HOUR, 5 * MINUTE * 2.0 ** (msg.tries - 1))
 
 
 class RandomMx(Postfix):

@@ -19,10 +19,10 @@ from typing import Any
 
 from guard.config import Config, parse_config
 from guard.mxset import MxHost, MxSet, MxSource
+from guard.policy import client_address
 from guard.simulate.clock import EventLoop
 from guard.simulate.primary import Outcome, Primary, Reply
 from guard.simulate.scenario import Population, Scenario
-from guard.policy import client_address
 from guard.simulate.secondary import SecondaryNode
 from guard.simulate.senders import MODELS, Message, Model, Route, SenderHost
 from guard.store import observation_ttl
