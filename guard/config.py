@@ -321,6 +321,10 @@ class PolicyConfig:
     )
     flag_all: bool = _setting(False, _boolean)
     down_grace: float = _setting(parse_duration("30m"), _duration)
+    on_recently_down: Action = _setting(
+        Action.FLAG, _choice(Action, Action.ACCEPT, Action.FLAG),
+        "a primary that failed within down_grace but is seen up again",
+    )
     stale_after: float = _setting(parse_duration("60s"), _duration)
     trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = _setting(
         (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),

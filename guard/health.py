@@ -98,6 +98,9 @@ class TargetHealth:
     since: float | None
     detail: str
     observations: tuple[Observation, ...] = ()
+    # Down only by down_grace: a probe failed that recently, but no fresh observation
+    # says down any more (the target is back, or its state is still being earned).
+    grace: bool = False
 
 
 def aggregate(
@@ -124,6 +127,7 @@ def aggregate(
             newest.last_fail,
             f"failed a probe within down_grace at {newest.node}: {newest.detail}",
             tuple(fresh),
+            grace=True,
         )
     ups = [o for o in fresh if o.state is State.UP]
     if ups and len(ups) >= rules.quorum:
