@@ -260,7 +260,7 @@ class Exchange(Model):
 
     name = "exchange"
     gaps = (1 * MINUTE, 5 * MINUTE, 10 * MINUTE)
-    retry_interval = 15 * MINUTE
+    retry_interval = 1 * MINUTE
     lifetime = 2 * DAY
 
     def retry_gap(self, msg: Message, now: float, rng: random.Random) -> float | None:
