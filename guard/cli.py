@@ -206,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--authenticated", action="store_true",
                    help="the client authenticated (SMTP AUTH)")
     p.add_argument("--json", action="store_true")
-    p = sub.add_parser("simulate", parents=[common], help="replay a scenario of mail on a virtual clock "
-                       "through the guard's own decisions")
+    p = sub.add_parser("simulate", parents=[common], help="replay a scenario of mail on a "
+                       "virtual clock through the guard's own decisions")
     simulate_arguments(p)
     return parser
 

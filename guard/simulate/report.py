@@ -136,6 +136,7 @@ def render(results: Results) -> str:
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(results.decisions.items()))
     lines.append(f"decisions at the secondaries: {reasons or 'none'}")
     probes = sum(n.probes for n in results.nodes)
-    lines.append(f"{results.events} events, {probes} probes, "
+    urgent = sum(n.urgent_probes for n in results.nodes)
+    lines.append(f"{results.events} events, {probes} probes ({urgent} asked for by a bypass), "
                  f"{_duration(results.ended_at - EPOCH)} of virtual time")
     return "\n".join(lines) + "\n"

@@ -12,7 +12,8 @@ loop does, through the same methods:
 - the refresher's cycle: ``Refresher.refresh_once`` before a decision whenever
   ``[store] refresh`` has passed since the last one (the real one runs on its own
   timer, at most that long before); transitions lay the node's own view over the
-  snapshot at once, as in production (``Guard`` wires it);
+  snapshot at once, as in production (``Guard`` wires it); a bypass verdict asks
+  ``Prober.request_probe`` for a probe now, which the loop starts at once;
 - a connection: ``Guard.decide`` with the client's verified name, envelope sender and
   recipient, which looks up evidence in the store for a bypass, as the milter does.
 Probes are never throttled by ``[probe] concurrency``: a handful of targets.
@@ -47,8 +48,13 @@ class SecondaryNode:
         self._primary = primary
         self._rng = rng
         self.trackers = {t: self._prober.track(t) for t in sorted(self.guard.directory.targets())}
+        # A probe on bypass (Prober.request_probe) starts here, on the virtual clock; it
+        # replaces the probe due on schedule, as it does in the prober's watch.
+        self._prober.wake = self._probe_now
+        self._due: dict[Target, int] = dict.fromkeys(self.trackers, 0)
         self._refreshed_at = float("-inf")
         self.probes = 0
+        self.urgent_probes = 0
         self.decisions: dict[str, int] = {}
         self.on_verdict: Callable[[SecondaryNode, Verdict], None] = lambda n, v: None
 
@@ -59,11 +65,20 @@ class SecondaryNode:
         for target in self.trackers:
             self._loop.after(self._rng.uniform(0.0, 1.0), functools.partial(self.probe, target))
 
-    def probe(self, target: Target) -> None:
+    def probe(self, target: Target, due: int = 0) -> None:
+        if due != self._due[target]:
+            return  # an urgent probe came first and set a new schedule
         p = self.config.probe
+        self._prober.begin(target)
         result = self._primary.probe(target, p.mode, p.timeout, self._loop.now())
         self.probes += 1
         self._loop.after(result.elapsed, lambda: self._probed(target, result))
+
+    def _probe_now(self, targets: list[Target]) -> None:
+        for target in targets:
+            self.urgent_probes += 1
+            self._due[target] += 1
+            self._loop.after(0.0, functools.partial(self.probe, target, self._due[target]))
 
     def _probed(self, target: Target, result: ProbeResult) -> None:
         tracker = self.trackers[target]
@@ -71,7 +86,7 @@ class SecondaryNode:
         self.guard.publisher.flush()
         p = self.config.probe
         delay = tracker.delay(p.interval, p.down_interval, self._rng.uniform)
-        self._loop.after(delay, lambda: self.probe(target))
+        self._loop.after(delay, functools.partial(self.probe, target, self._due[target]))
 
     # -- a connection from a sender ----------------------------------------------------
 
