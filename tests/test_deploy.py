@@ -77,7 +77,7 @@ POSTFIX_LINES = (
     "smtpd_milters = unix:/mx-guard/guard.sock",
     "#smtpd_milters = unix:/var/spool/postfix/mx-guard/guard.sock",
     "milter_default_action = accept",
-    "milter_connect_macros = j {daemon_name} {daemon_addr} v _ {client_addr}",
+    "milter_connect_macros = j {daemon_name} {daemon_addr} v _ {client_addr} {client_name}",
     "milter_protocol = 6",
     "milter_connect_timeout = 5s",
     "milter_command_timeout = 5s",
@@ -85,7 +85,7 @@ POSTFIX_LINES = (
 )
 SENDMAIL_LINES = (
     "define(`confMILTER_MACROS_CONNECT', `j, _, {daemon_name}, {if_name}, {if_addr}, "
-    "{client_addr}')dnl",
+    "{client_addr}, {client_name}, {client_resolve}')dnl",
     "define(`confMILTER_MACROS_ENVFROM', `i, {auth_type}, {auth_authen}, {auth_ssf}, "
     "{auth_author}, {mail_mailer}, {mail_host}, {mail_addr}')dnl",
     "define(`confMILTER_MACROS_EOM', `{msg_id}, i')dnl",
@@ -360,7 +360,7 @@ def test_postfix_snippet_reaches_the_guard_from_a_chrooted_smtpd(site: Site) -> 
                 "X-MX-Guard")
             assert header and header.startswith("bypass; domain=flagged.example;"), header
             # {client_addr} and the queue id (i at end of message) reached the guard.
-            site.guard.wait_for_log(r"\n\S+ \S+ INFO guard\.milter: [0-9A-F]{6,}: conn=\d+ "
+            site.guard.wait_for_log(r"\n\S+ \S+ INFO guard\.decision: [0-9A-F]{6,}: conn=\d+ "
                                     rf"client={re.escape(SPAMMER)} .*domain=flagged\.example "
                                     r"action=flag reason=bypass")
             # The smtpd that did this was chrooted in the queue directory.
@@ -435,7 +435,8 @@ def test_sendmail_mc_builds_with_m4(tmp_path: Path) -> None:
     for line in (
         "O InputMailFilters=mx-guard",
         f"Xmx-guard, S=local:{SENDMAIL_SOCKET}, T=C:5s;S:5s;R:5s;E:10s",
-        "O Milter.macros.connect=j, _, {daemon_name}, {if_name}, {if_addr}, {client_addr}",
+        "O Milter.macros.connect=j, _, {daemon_name}, {if_name}, {if_addr}, {client_addr}, "
+        "{client_name}, {client_resolve}",
         "O Milter.macros.envfrom=i, {auth_type}, {auth_authen}, {auth_ssf}, {auth_author}, "
         "{mail_mailer}, {mail_host}, {mail_addr}",
         "O Milter.macros.eom={msg_id}, i",
@@ -469,7 +470,7 @@ def test_sendmail_mc_consults_the_guard_and_survives_its_death(tmp_path: Path) -
         header = sink.wait_for_message("user@flagged.example", timeout=10).header("X-MX-Guard")
         assert header and header.startswith("bypass; domain=flagged.example;"), header
         # {client_addr} at connect, the queue id at end of message.
-        guard.wait_for_log(rf"INFO guard\.milter: \w{{8,}}: conn=\d+ client={SPAMMER} "
+        guard.wait_for_log(rf"INFO guard\.decision: \w{{8,}}: conn=\d+ client={SPAMMER} "
                            r".*domain=flagged\.example action=flag reason=bypass")
 
         # No F=T: with the guard dead, mail goes through unguarded.

@@ -136,6 +136,22 @@ def test_trap_list(stores: StoreFactory) -> None:
     assert store.traps(NOW + 10, 7.0) == [Trap("2001:db8::5", 1, NOW + 5)]
 
 
+def test_peek_counts_nothing_and_foretells_the_next_try(stores: StoreFactory) -> None:
+    store = stores()
+    store.record_witness("mx1", [], NOW - 1, ttl=3600)
+    for i in range(2):
+        store.record_bypass(attempt(NOW + i), RULES)
+    later = attempt(NOW + 900)
+    peeked = [store.peek_bypass(later, RULES) for _ in range(3)]
+    assert peeked[0] == peeked[2]
+    assert store.record_bypass(later, RULES) == peeked[0]
+    assert peeked[0].identities[0].tries == 3 and peeked[0].released_by(RULES) is not None
+    assert peeked[0].trap_count == 2 and peeked[0].heartbeat_at == NOW - 1
+    assert store.heartbeats() == {"mx1": NOW - 1}
+    new = store.peek_bypass(attempt(NOW, client="198.51.100.1"), RULES)
+    assert (new.identities[0].tries, new.identities[0].first_at, new.trap_count) == (1, NOW, 1)
+
+
 def test_two_secondaries_counting_one_identity_at_once_count_right(
         stores: StoreFactory) -> None:
     per_thread, threads = 50, 4
@@ -204,6 +220,13 @@ class CountingStore:
     def record_bypass(self, bypass: BypassTry, rules: EvidenceRules) -> Evidence:
         self.calls.append("record_bypass")
         return self.inner.record_bypass(bypass, rules)
+
+    def peek_bypass(self, bypass: BypassTry, rules: EvidenceRules) -> Evidence:
+        self.calls.append("peek_bypass")
+        return self.inner.peek_bypass(bypass, rules)
+
+    def heartbeats(self) -> dict[str, float]:
+        return self.inner.heartbeats()
 
     def record_witness(self, node: str, networks: Sequence[str], at: float,
                        ttl: float) -> None:

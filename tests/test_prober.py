@@ -60,7 +60,6 @@ def fast_config(targets: int = 1, stale_after: str = "5s", **probe: object) -> C
         "probe": {"interval": "100ms", "down_interval": "100ms", "timeout": "500ms",
                   "rise": 2, "fall": 2, **probe},
         "policy": {"stale_after": stale_after},
-        "witness": {"heartbeat": "1s"},  # must beat stale_after
     })
 
 

@@ -50,6 +50,15 @@ class Store(Protocol):
         several secondaries counting the same identity at once all count right."""
         ...
 
+    def peek_bypass(self, bypass: BypassTry, rules: EvidenceRules) -> Evidence:
+        """What ``record_bypass`` would answer for this try, counting nothing (for
+        ``mx-guard explain``): one round trip."""
+        ...
+
+    def heartbeats(self) -> dict[str, float]:
+        """Each witness node's newest heartbeat."""
+        ...
+
     def record_witness(self, node: str, networks: Sequence[str], at: float,
                        ttl: float) -> None:
         """A witness's client networks (seen at ``at``) and heartbeat: one round trip."""

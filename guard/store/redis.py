@@ -63,7 +63,15 @@ from redis.sentinel import Sentinel
 from redis.typing import EncodableT, FieldT
 
 from guard.config import Config
-from guard.evidence import BypassTry, Evidence, EvidenceRules, IdentityCount, Trap
+from guard.evidence import (
+    BypassTry,
+    Evidence,
+    EvidenceRules,
+    IdentityCount,
+    Trap,
+    counts_as_trap,
+    is_released,
+)
 from guard.health import Observation, State, Target, Transition
 from guard.store.base import HISTORY_MAX, StoreError
 
@@ -532,6 +540,47 @@ class RedisStore:
                             None if seen is None else float(seen), int(cast(str, trap)))
         except (IndexError, TypeError, ValueError) as e:
             raise StoreError(f"redis record bypass: unexpected reply: {_short(e)}") from e
+
+    def peek_bypass(self, bypass: BypassTry, rules: EvidenceRules) -> Evidence:
+        p = self._prefix
+
+        def run() -> list[Any]:
+            with self._redis.pipeline(transaction=False) as pipe:
+                for k in bypass.store_keys():
+                    pipe.hmget(f"{p}rel:{k}", ["t", "f"])
+                pipe.get(f"{p}wit:{bypass.network}")
+                pipe.hvals(f"{p}wit:hb")
+                pipe.hget(f"{p}trap:{bypass.client}", "n")
+                return pipe.execute()
+
+        raw = self._call("peek bypass", run)
+        n = len(bypass.identities)
+        try:
+            counts = []
+            released = False
+            for identity, (tries, first) in zip(bypass.identities, raw[:n], strict=True):
+                count = IdentityCount(identity, int(tries or 0) + 1,
+                                      float(first) if first is not None else bypass.at)
+                released = released or is_released(count.tries, count.first_at, bypass.at,
+                                                   rules)
+                counts.append(count)
+            seen = None if raw[n] is None else float(raw[n])
+            heartbeat = max((float(v) for v in raw[n + 1]), default=None)
+            fresh = heartbeat is not None and bypass.at - heartbeat <= rules.witness_fresh
+            trap = int(raw[n + 2] or 0) + counts_as_trap(released, fresh, seen is not None)
+        except (TypeError, ValueError) as e:
+            raise StoreError(f"redis peek bypass: unexpected reply: {_short(e)}") from e
+        return Evidence(bypass.at, tuple(counts), heartbeat, seen, trap)
+
+    def heartbeats(self) -> dict[str, float]:
+        raw = cast("dict[str, str]",
+                   self._call("read heartbeats", lambda: self._redis.hgetall(
+                       f"{self._prefix}wit:hb")))
+        out = {}
+        for node, value in raw.items():
+            with contextlib.suppress(ValueError):
+                out[node] = float(value)
+        return out
 
     def record_witness(self, node: str, networks: Sequence[str], at: float,
                        ttl: float) -> None:
