@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 MINUTE = 60.0
 HOUR = 3600.0
 DAY = 86400.0
+LINUX_SYN_GIVE_UP = 127.0  # seconds: net.ipv4.tcp_syn_retries = 6, 1+2+4+...+64
 
 Attempt = Generator[float, None, Outcome]
 
@@ -79,7 +80,10 @@ class Route:
 
 
 class Model:
-    """A legitimate MTA: RFC 5321 MX order, a retry schedule, a queue lifetime."""
+    """A legitimate MTA: RFC 5321 MX order, a retry schedule, a queue lifetime.
+
+    Unless a model says otherwise: Postfix's smtp_connect_timeout (30 s) and
+    smtp_helo_timeout (300 s)."""
 
     name = "mta"
     legit = True
@@ -173,12 +177,12 @@ class Exim(Model):
     """Exim 4 default retry rule ``* * F,2h,15m; G,16h,1h,1.5; F,4d,6h`` (the Exim
     specification, chapter "Retry configuration"), applied to the message and, per
     IP, to a host that failed: until its retry time the failed IP is skipped and the
-    next MX tried at once. connect_timeout 5m is Exim's default for smtp; we keep the
-    OS's 30s-ish SYN give-up, which bounds it sooner. A 4xx at RCPT defers the address
-    (an address error, not a host error): no next MX."""
+    next MX tried at once. The smtp transport's connect_timeout is 5m, so a black hole
+    costs what Linux gives a SYN (tcp_syn_retries 6: 127 s); command_timeout 5m. A 4xx
+    at RCPT defers the address (an address error, not a host error): no next MX."""
 
     name = "exim"
-    timeouts = SenderTimeouts(connect=30.0, greeting=300.0)
+    timeouts = SenderTimeouts(connect=LINUX_SYN_GIVE_UP, greeting=300.0)
     retry_interval = 15 * MINUTE
     lifetime = 4 * DAY
 
@@ -215,10 +219,11 @@ class Sendmail(Model):
     """Sendmail 8: a host that failed is remembered as down for Timeout.hoststatus
     (30m) and skipped; deferred mail waits for the next queue run (``-q30m``, the
     interval of the Sendmail Installation and Operation Guide's example);
-    Timeout.queuereturn 5d. A 4xx at RCPT defers the recipient."""
+    Timeout.queuereturn 5d; Timeout.connect 0 (the kernel's 127 s), Timeout.initial 5m.
+    A 4xx at RCPT defers the recipient."""
 
     name = "sendmail"
-    timeouts = SenderTimeouts(connect=30.0, greeting=300.0)
+    timeouts = SenderTimeouts(connect=LINUX_SYN_GIVE_UP, greeting=300.0)
     queue_interval = 30 * MINUTE
     host_status = 30 * MINUTE
     retry_interval = 30 * MINUTE
@@ -242,9 +247,11 @@ class Qmail(Model):
     """qmail 1.03: qmail-remote moves to the next MX only when the TCP connection
     fails; any SMTP answer, 4xx included, ends the try (it stays on a 4xx primary).
     qmail-send retries remote mail at birth + 400 n^2 seconds (qmail-send(8),
-    "chanskip"); queuelifetime 604800 s (7 d)."""
+    "chanskip"); queuelifetime 604800 s (7 d); control/timeoutconnect 60 s,
+    timeoutremote 1200 s."""
 
     name = "qmail"
+    timeouts = SenderTimeouts(connect=60.0, greeting=1200.0)
     next_mx_after_greeting_4xx = False
     retry_interval = 400.0
     lifetime = 7 * DAY
@@ -256,7 +263,7 @@ class Qmail(Model):
 class Exchange(Model):
     """Microsoft Exchange (Transport): retries a transient failure after 1, 5, 10,
     then every 15 minutes (TransientFailureRetryInterval, MessageRetryInterval);
-    MessageExpirationTimeout 2 d."""
+    MessageExpirationTimeout 2 d. Connect and greeting timeouts: Postfix's (assumed)."""
 
     name = "exchange"
     gaps = (1 * MINUTE, 5 * MINUTE, 10 * MINUTE)
