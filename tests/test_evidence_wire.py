@@ -6,6 +6,7 @@ tried the primary from one that skipped it, and a stale witness counts for nothi
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -169,3 +170,61 @@ def test_a_witness_on_the_primary_tells_tried_from_skipped(tmp_path: Path,
                         rcpt="<user@example.org>")[0] == "tempfail"
         secondary.wait_for_log(r"client=192\.0\.2\.77 .* action=tempfail reason=bypass "
                                r"detail=[^\n]*witness stale")
+
+
+def test_two_guards_on_one_redis_count_one_identity_right_and_survive_a_freeze(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    """Two secondaries (two mx-guard processes) count the same retry identity at the
+    same moment; every try is counted once. Then Redis freezes mid-traffic: each RCPT
+    still answers within the budget, with the plain action."""
+    per_thread, threads_per_guard = 20, 2
+    with contextlib.ExitStack() as stack:
+        primary = stack.enter_context(FakePrimary())
+        sockets = []
+        for node in ("mx2a", "mx2b"):
+            socket = f"unix:{tmp_path}/{node}.sock"
+            # attempts far above the tries: nothing is released, every try is counted.
+            text = guard_toml(socket, primary.port, '[release]\nattempts = 1000\n',
+                              node=node, store=redis_server.url)
+            g = stack.enter_context(GuardProcess(text, tmp_path, node))
+            g.start()
+            sockets.append((g, socket))
+        for g, _ in sockets:
+            g.wait_for_log(r"target \S+:\d+ is up")
+            g.wait_for_log("milter listening")
+        start = threading.Barrier(len(sockets) * threads_per_guard)
+        outcomes: list[str] = []
+        lock = threading.Lock()
+
+        def hammer(socket: str) -> None:
+            start.wait()
+            for _ in range(per_thread):
+                outcome = try_once(socket, "192.0.2.44", "<same@sender.example>",
+                                   rcpt="<user@example.org>")[0]
+                with lock:
+                    outcomes.append(outcome)
+
+        workers = [threading.Thread(target=hammer, args=(s,))
+                   for _, s in sockets for _ in range(threads_per_guard)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        total = per_thread * threads_per_guard * len(sockets)
+        assert outcomes == ["tempfail"] * total
+        [key] = redis_server.admin.keys("mxguard:rel:*")
+        assert int(redis_server.admin.hget(key, "t")) == total
+        assert int(redis_server.admin.hget("mxguard:trap:192.0.2.44", "n")) == total
+
+        redis_server.pause()
+        try:
+            frozen = [try_once(s, f"198.51.100.{n}", "<x@sender.example>",
+                               rcpt="<user@example.org>")[0]  # asserts the budget itself
+                      for _, s in sockets for n in range(5)]
+        finally:
+            redis_server.resume()
+        assert frozen == ["tempfail"] * 10
+        for g, _ in sockets:
+            g.wait_for_log(r"bypass evidence\) failing: redis record bypass")
+            assert g.log().count("(bypass evidence) failing") == 1  # once per episode
+            assert "Traceback" not in g.log()
