@@ -280,3 +280,34 @@ def test_summary_counts() -> None:
     assert (s.delay_p50_s, s.delay_max_s, s.out_of_order, s.out_of_order_caught) == \
         (10.0, 100.0, 2, 2)
     assert Population("x", "postfix", 1).family == "4"
+
+
+def test_the_witness_evidence_is_used() -> None:
+    results = run(ROOT / "conf/scenarios/witness.toml")
+    assert results.decisions.get("seen-at-primary", 0) > 0
+    assert "seen-at-primary" not in run(ROOT / "conf/scenarios/greylisting.toml").decisions
+
+
+def test_probe_on_bypass_shrinks_the_window_after_the_primary_dies(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Postfix message that meets the dead primary in the window before the next
+    scheduled probe is tempfailed (one retry, 300 s); a probe on bypass closes the
+    window at the first such message instead of at the next interval."""
+    from guard.simulate import secondary
+
+    scenario = parse_scenario({
+        "scenario": {"duration": "8h", "seed": 2},
+        "guard": {"probe": {"interval": "30s"}, "policy": {"stale_after": "90s"}},
+        "primary": {"flap": [{"from": "1h", "until": "8h", "every": "1h", "down": "10m",
+                              "condition": "refused"}]},
+        "population": [{"model": "postfix", "messages": 6000, "hosts": 20}],
+    })
+
+    def retried() -> int:
+        return sum(1 for m in simulate(scenario).messages["postfix"]
+                   if m.delay is not None and m.delay >= 300)
+
+    with_probe = retried()
+    monkeypatch.setattr(secondary.SecondaryNode, "_probe_now", lambda self, targets: None)
+    without = retried()
+    assert without > 2 * with_probe, (without, with_probe)

@@ -59,4 +59,3 @@ class EventLoop:
             self._now = when
             self.events += 1
             action()
-        self._now = max(self._now, min(until, self._now))

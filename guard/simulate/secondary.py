@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import random
-from collections.abc import Callable
 
 from guard.config import Action, Config
 from guard.health import Target
@@ -56,7 +55,6 @@ class SecondaryNode:
         self.probes = 0
         self.urgent_probes = 0
         self.decisions: dict[str, int] = {}
-        self.on_verdict: Callable[[SecondaryNode, Verdict], None] = lambda n, v: None
 
     # -- the prober's schedule ---------------------------------------------------------
 
@@ -102,7 +100,6 @@ class SecondaryNode:
                 now: float) -> Outcome:
         verdict = self.verdict(client, client_name, sender, recipient, now)
         self.decisions[str(verdict.reason)] = self.decisions.get(str(verdict.reason), 0) + 1
-        self.on_verdict(self, verdict)
         action = verdict.action
         if action is Action.TEMPFAIL:
             return Outcome(Reply.RCPT_4XX, SMALL_RTT, reason=str(verdict.reason))
