@@ -74,10 +74,13 @@ def config(policy: dict[str, Any] | None = None, probe: dict[str, Any] | None = 
 
 
 def obs(address: str, state: State, node: str = "mx2", age: float = 1.0,
-        last_fail_ago: float | None = None, since_ago: float = 600.0) -> Observation:
+        last_fail_ago: float | None = None, since_ago: float = 600.0,
+        last_ok_ago: float | None = None) -> Observation:
+    if last_ok_ago is None and state is State.UP:
+        last_ok_ago = age
     return Observation(
         Target(address, 25), node, state, NOW - since_ago, NOW - age,
-        last_ok=NOW - age if state is State.UP else None,
+        last_ok=None if last_ok_ago is None else NOW - last_ok_ago,
         last_fail=None if last_fail_ago is None else NOW - last_fail_ago,
         detail="test",
     )
@@ -131,6 +134,10 @@ ROWS = [
         observations=[obs(MX1_V4, DOWN)]),
     Row("primary up again but failed within down_grace: flagged", Action.FLAG,
         Reason.RECENTLY_DOWN, observations=[obs(MX1_V4, UP, last_fail_ago=600)]),
+    Row("failing now, fall not reached yet: down", Action.ACCEPT, Reason.PRIMARY_DOWN,
+        observations=[obs(MX1_V4, UP, last_fail_ago=1, last_ok_ago=11)]),
+    Row("failed, never succeeded since (a restart): down", Action.ACCEPT,
+        Reason.PRIMARY_DOWN, observations=[obs(MX1_V4, UNKNOWN, last_fail_ago=60)]),
     Row("recently down, on_recently_down = accept", Action.ACCEPT, Reason.RECENTLY_DOWN,
         observations=[obs(MX1_V4, UP, last_fail_ago=600)],
         policy={"on_recently_down": "accept"}),
