@@ -161,9 +161,11 @@ class Model:
 class Postfix(Model):
     """Postfix 3.x defaults (postconf(5)): smtp_connect_timeout 30s, smtp_helo_timeout
     300s; a 4xx from a non-final MX sends it to the next MX in the same attempt
-    (smtp(8): "try the next MX host"); qmgr backoff between minimal_backoff_time 300s
-    and maximal_backoff_time 4000s, doubling with the message's age;
-    maximal_queue_lifetime 5d. Dead hosts are forgotten between attempts."""
+    (smtp(8): "try the next MX host"); a deferred message waits its time in the queue,
+    bounded by minimal_backoff_time 300s and maximal_backoff_time 4000s (qmgr_active.c:
+    "we look at actual time in queue, not time since last delivery attempt"), which
+    doubles the gaps; maximal_queue_lifetime 5d. Dead hosts are forgotten between
+    attempts; the deferred queue scan (queue_run_delay 300s) is not modelled."""
 
     name = "postfix"
     next_mx_after_rcpt_4xx = True

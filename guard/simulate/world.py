@@ -12,6 +12,7 @@ scenario's ``[guard]`` tables plus the topology, so every default is the guard's
 from __future__ import annotations
 
 import calendar
+import dataclasses
 import ipaddress
 import random
 from dataclasses import dataclass, field
@@ -83,7 +84,7 @@ class World:
         hosts = (self.primary_host, *self.secondary_hosts)
         self.mxset = MxSet(DOMAIN, hosts, MxSource.CONFIG)
         self.primary = Primary(
-            episodes=[type(e)(EPOCH + e.start, EPOCH + e.end, e.condition, e.family, e.side)
+            episodes=[dataclasses.replace(e, start=EPOCH + e.start, end=EPOCH + e.end)
                       for e in scenario.episodes],
             greylist=scenario.greylist,
             greylist_delay=scenario.greylist_delay,
@@ -96,13 +97,12 @@ class World:
                                   self.rng(f"node/{c.me.node}"))
             for h, c in zip(self.secondary_hosts, configs, strict=True)
         }
+        # A guard in the witness role on the primary: its recorder, on the virtual clock.
+        self.witness_config = node_config(scenario, "mx1", hosts, witness=True)
         self.witness: WitnessRecorder | None = None
         if scenario.witness:
-            witness_config = node_config(scenario, "mx1", hosts, witness=True)
-            self.witness_config = witness_config
-            self.witness = WitnessRecorder(self.store, witness_config, self.loop.now)
+            self.witness = WitnessRecorder(self.store, self.witness_config, self.loop.now)
             self.primary.witness = self._witnessed
-        self._order_rng = self.rng("mx-order")
 
     def _witnessed(self, client: str, now: float) -> None:
         address = client_address(client)
