@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 import random
 import subprocess
 import sys
@@ -123,6 +124,19 @@ def test_a_seed_gives_the_same_run_and_another_seed_another() -> None:
     first, again = to_json(simulate(scenario)), to_json(simulate(scenario))
     assert first == again
     assert to_json(simulate(scenario, seed=4)) != first
+
+
+def test_a_seed_gives_the_same_run_in_another_process() -> None:
+    """Nothing depends on Python's per-process hash salt (set iteration order)."""
+    outputs = set()
+    for salt in ("1", "2"):
+        done = subprocess.run(
+            [sys.executable, "-m", "guard", "simulate", "--json", "--seed", "5",
+             str(ROOT / "conf/scenarios/two-secondaries.toml")],
+            capture_output=True, text=True, timeout=120, check=True,
+            env={**os.environ, "PYTHONHASHSEED": salt})
+        outputs.add(done.stdout)
+    assert len(outputs) == 1
 
 
 def test_json_has_exactly_the_spec_fields() -> None:
