@@ -306,8 +306,9 @@ def test_frozen_guard_costs_one_milter_timeout_then_mail_flows(site: Site) -> No
             assert client.mail(SENDER)[0] == 250
             mail_took = time.monotonic() - started
             started = time.monotonic()
-            code, _ = client.rcpt(to)
+            code, text = client.rcpt(to)
             rcpt_took = time.monotonic() - started
+            assert code == 250, (code, text, rcpt_took, site.postfix.log_text()[-2000:])
             data_code, _ = client.data(message_with(to))
         finally:
             guard.signal(signal.SIGCONT)
