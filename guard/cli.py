@@ -38,6 +38,8 @@ from guard.policy import (
     with_evidence,
 )
 from guard.reload import block_reload_signal
+from guard.simulate.cli import add_arguments as simulate_arguments
+from guard.simulate.cli import run as cmd_simulate
 from guard.status import (
     HealthView,
     gather_health,
@@ -318,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only clients with at least N bypasses")
     p.add_argument("--format", choices=["plain", "json", "nft", "rbldnsd"], default="plain")
     p.add_argument("--json", action="store_true", help="the same as --format json")
+    p = sub.add_parser("simulate", parents=[common], help="replay a scenario of mail on a "
+                       "virtual clock through the guard's own decisions")
+    simulate_arguments(p)
     return parser
 
 
@@ -329,6 +334,7 @@ COMMANDS = {
     "status": cmd_status,
     "traps": cmd_traps,
     "reload": cmd_reload,
+    "simulate": cmd_simulate,
 }
 
 
