@@ -202,13 +202,13 @@ def test_status_and_explain_see_the_running_guard_through_an_outage(tmp_path: Pa
         assert prober["down_grace_until"] == pytest.approx(prober["last_fail"] + 1800.0)  # 30m
         assert [t["new"] for t in data["history"]] == ["up", "down"]  # the memory store's
 
-        # The primary comes back: rise probes make it up, down_grace still keeps it down.
+        # The primary comes back: rise probes make it up, down_grace still remembers.
         with FakePrimary(port=mx1.port):
             guard.wait_for_log(r"target 127\.0\.0\.1:\d+ is up \(was down\)")
             text = cli(guard.config, "explain", "--client", "192.0.2.7", "--rcpt",
                        "a@example.org")
             assert text.returncode == 0, text.stderr
-            assert "reason:  primary-down" in text.stdout, text.stdout
+            assert "reason:  recently-down" in text.stdout, text.stdout  # flagged
             assert f"health:  the running guard (node mx2, pid {pid})" in text.stdout
             assert re.search(r"UP +\d+ ok in a row.*; down_grace until \S+", text.stdout)
 

@@ -1,8 +1,8 @@
 """Reload under continuous milter traffic, against a real ``mx-guard run``.
 
 Two domains: example.org, whose primary was down and came back (so down_grace keeps
-it "primary-down": accepted), and other.example, whose primary never failed (so a
-bypass is tempfailed). Traffic threads run sessions for both all along; ten reloads
+it "recently-down": accepted and flagged), and other.example, whose primary never
+failed (so a bypass is tempfailed). Traffic threads run sessions for both all along; ten reloads
 (through ``mx-guard reload`` and SIGUSR1, alternating) change domains, policy, probe
 settings and trusted networks without changing what that traffic deserves. Every
 session must succeed and be judged right, probing must not restart, and down_grace
