@@ -35,6 +35,8 @@ TRAPPED_V4, TRAPPED_V6, RELEASED = "203.0.113.7", "2001:db8::5", "198.51.100.9"
 def write_config(tmp_path: Path, url: str) -> Path:
     path = tmp_path / "guard.toml"
     path.write_text(f"""
+[milter]
+socket = "unix:{tmp_path}/guard.sock"
 [self]
 node = "mx2"
 names = ["mx2.example.org"]

@@ -12,16 +12,39 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import tomllib
 from pathlib import Path
 from types import TracebackType
 
+from guard.config import ConfigError, parse_config
+from guard.control import control_socket_path
+
 ROOT = Path(__file__).resolve().parents[2]
+
+
+SYSTEM_RUN_DIR = "/run/mx-guard/"
+
+
+def _control_socket(config_text: str) -> str:
+    """Where a guard with this config would serve its control socket ("" if invalid)."""
+    try:
+        return control_socket_path(parse_config(tomllib.loads(config_text)))
+    except (ConfigError, tomllib.TOMLDecodeError):
+        return ""
 
 
 class GuardProcess:
     def __init__(self, config_text: str, workdir: Path, name: str = "guard") -> None:
         self.config = workdir / f"{name}.toml"
+        if _control_socket(config_text).startswith(SYSTEM_RUN_DIR):
+            # Never the default in /run/mx-guard: a mail host's own guard lives there,
+            # and so would every other test guard with an inet milter socket.
+            control = workdir / f"{name}.control.sock"
+            if len(str(control)) > 100:  # a Unix socket path has 108 bytes at most
+                control = Path(tempfile.mkdtemp(prefix="mxg-")) / f"{name}.control.sock"
+            config_text += f'\n[control]\nsocket = "{control}"\n'
         self.config.write_text(config_text)
         self.logfile = workdir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
