@@ -1,0 +1,140 @@
+"""Bench, direct milter protocol: whole sessions per second, guard against a no-op.
+
+The no-op is a pymilter milter with the guard's callbacks (connect, helo, envfrom,
+envrcpt, data, header, eom adding one header) and the same reply/no-reply choices, so
+the ratio is what the guard's own work costs over libmilter and pymilter. The guard
+runs as ``mx-guard run`` with the memory store and with a private Redis; the bypass
+path (untrusted client, healthy primary, flag) and the trusted path (a client in
+trusted_networks) are timed. Every milter listens on a Unix socket; rounds rotate the
+order so machine noise spreads over all of them. Store round trips per session are
+counted on the Redis guard from the server's own command counters.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.support.fakeprimary import FakePrimary
+from tests.support.guardproc import GuardProcess
+from tests.support.milterload import Session, run_session, sessions_per_second
+from tests.support.redis_server import RedisServer
+from tests.support.smtp import GuardedDomain, MilterProcess, guard_config, wait_until
+
+CLIENTS = (1, 8, 32)
+ROUNDS = 3
+SECONDS = 1.5  # per measurement
+BYPASS = Session("203.0.113.7")  # untrusted; flagged.example's primary is up: flag
+TRUSTED = Session("127.0.0.1")  # in trusted_networks
+
+NOOP_MILTER = """
+import sys, Milter
+
+class Noop(Milter.Base):
+    @Milter.noreply
+    def connect(self, hostname, family, hostaddr):
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def hello(self, name):
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def envfrom(self, sender, *params):
+        return Milter.CONTINUE
+
+    def envrcpt(self, recipient, *params):
+        return Milter.CONTINUE
+
+    def data(self):
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def header(self, name, value):
+        return Milter.CONTINUE
+
+    def eom(self):
+        self.addheader("X-MX-Guard", "bypass; node=noop")
+        return Milter.CONTINUE
+
+Milter.factory = Noop
+Milter.runmilter("noop", sys.argv[1], 10)
+"""
+
+
+@dataclass(frozen=True)
+class Setup:
+    name: str
+    socket: str
+    session: Session
+
+
+def _redis_calls(redis: RedisServer) -> int:
+    stats: dict[str, Any] = redis.admin.info("commandstats")
+    return sum(int(v["calls"]) for k, v in stats.items()
+               if k.startswith("cmdstat_") and k not in ("cmdstat_info",))
+
+
+def round_trips(redis: RedisServer, address: str, session: Session, n: int = 200) -> float:
+    """Store commands per session on one path, the background's rate subtracted."""
+    steps = session.steps()
+    run_session(address, steps)
+    before, started = _redis_calls(redis), time.perf_counter()
+    time.sleep(1.0)
+    idle_rate = (_redis_calls(redis) - before) / (time.perf_counter() - started)
+    before, started = _redis_calls(redis), time.perf_counter()
+    for _ in range(n):
+        run_session(address, steps)
+    busy = _redis_calls(redis) - before
+    elapsed = time.perf_counter() - started
+    return max(0.0, (busy - idle_rate * elapsed) / n)
+
+
+def run(work: Path, sockets: Path) -> dict[str, Any]:
+    script = work / "noop_same_callbacks.py"
+    script.write_text(NOOP_MILTER)
+    with FakePrimary() as mx1, RedisServer() as redis:
+        domain = GuardedDomain("flagged.example", mx1.address, action="flag")
+        noop = MilterProcess(script, f"unix:{sockets}/noop-direct.sock").start()
+        guards = {
+            "memory": GuardProcess(guard_config(f"unix:{sockets}/guard-mem.sock", [domain]),
+                                   work, "guard-direct-memory").start(),
+            "redis": GuardProcess(guard_config(f"unix:{sockets}/guard-redis.sock", [domain],
+                                               store=redis.url), work,
+                                  "guard-direct-redis").start(),
+        }
+        try:
+            for g in guards.values():
+                g.wait_for_log(r"target 127\.0\.0\.1:\d+ is up")
+                g.wait_for_log(r"milter listening")
+            wait_until(lambda: Path(f"{sockets}/guard-redis.sock").exists()
+                       and Path(f"{sockets}/guard-mem.sock").exists(), 10)
+            setups = [
+                Setup("noop", f"{sockets}/noop-direct.sock", BYPASS),
+                Setup("guard memory bypass", f"{sockets}/guard-mem.sock", BYPASS),
+                Setup("guard memory trusted", f"{sockets}/guard-mem.sock", TRUSTED),
+                Setup("guard redis bypass", f"{sockets}/guard-redis.sock", BYPASS),
+                Setup("guard redis trusted", f"{sockets}/guard-redis.sock", TRUSTED),
+            ]
+            rates: dict[str, dict[int, list[float]]] = {
+                s.name: {c: [] for c in CLIENTS} for s in setups}
+            for r in range(ROUNDS):
+                order = setups[r % len(setups):] + setups[:r % len(setups)]
+                for clients in CLIENTS:
+                    for s in order:
+                        rates[s.name][clients].append(
+                            sessions_per_second(s.socket, s.session, clients, SECONDS))
+            trips = {
+                "bypass": round_trips(redis, f"{sockets}/guard-redis.sock", BYPASS),
+                "trusted": round_trips(redis, f"{sockets}/guard-redis.sock", TRUSTED),
+            }
+        finally:
+            for g in guards.values():
+                g.stop()
+            noop.stop()
+    medians = {name: {c: statistics.median(v) for c, v in by.items()}
+               for name, by in rates.items()}
+    return {"sessions_per_s": medians, "samples": rates, "redis_round_trips": trips}
