@@ -15,10 +15,19 @@ import threading
 import time
 from collections.abc import Sequence
 
-from guard import __version__
+from guard import __version__, traplist
 from guard.config import Config, ConfigError, config_path, load_config
 from guard.discovery import MxDirectory, directory_for
-from guard.policy import Connection, client_address, decide, recipient_domain
+from guard.evidence import Evidence, EvidenceRules, bypass_try, verified_name
+from guard.policy import (
+    Connection,
+    Reason,
+    client_address,
+    decide,
+    iso_time,
+    recipient_domain,
+    with_evidence,
+)
 from guard.status import (
     HealthView,
     gather_health,
@@ -28,7 +37,7 @@ from guard.status import (
     to_json,
     verdict_data,
 )
-from guard.store import StoreError, open_store
+from guard.store import Store, StoreError, open_store
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 1
@@ -156,15 +165,71 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(f"mx-guard explain: --rcpt {args.rcpt!r} has no domain", file=sys.stderr)
         return EXIT_BAD_INPUT
     directory, view = _current_view(config)
-    conn = Connection(client, args.helo, args.authenticated, time.time())
+    conn = Connection(client, time.time(), args.helo, args.authenticated,
+                      verified_name(args.client_name, None))
     verdict = decide(conn, domain, directory.get(domain), view.snapshot, config)
+    evidence_source = "none needed (not a bypass)"
+    if verdict.reason is Reason.BYPASS:
+        evidence, evidence_source = _peek_evidence(config, conn, args.sender, args.rcpt)
+        verdict = with_evidence(verdict, evidence, config)
     if args.json:
         data = verdict_data(verdict, config.me.node, view.source)
-        sys.stdout.write(to_json({**data, "from": args.sender}))
+        sys.stdout.write(to_json({**data, "from": args.sender,
+                                  "evidence_source": evidence_source}))
     else:
-        # The sender is shown for the record; the decision does not depend on it.
         sys.stdout.write(f"client:  {client}\nfrom:    <{args.sender}>\n")
         sys.stdout.write(render_verdict(verdict, config.me.node, view.source))
+        sys.stdout.write(f"evidence: {evidence_source}\n")
+    return EXIT_OK
+
+
+def _peek_evidence(config: Config, conn: Connection, sender: str,
+                   rcpt: str) -> tuple[Evidence | None, str]:
+    """What the store knows of this try, counting nothing."""
+    assert conn.client is not None
+    store = _shared_store(config, "explain")
+    if store is None:
+        return None, "unknown here (memory store): the plain action is shown"
+    bypass = bypass_try(conn.client, conn.client_name, sender, rcpt, conn.connected_at,
+                        config.release)
+    try:
+        return (store.peek_bypass(bypass, EvidenceRules.of(config)),
+                f"store {store.description}, as if this were the next try (not counted)")
+    except StoreError as e:
+        return None, f"store {store.description} unreachable ({e}): the plain action applies"
+    finally:
+        store.close()
+
+
+def _shared_store(config: Config, what: str) -> Store | None:
+    """The store, unless it is the running guard's private memory (then say so)."""
+    if config.store.url.startswith("memory://"):
+        print(f"mx-guard {what}: the memory:// store lives inside the running guard and "
+              "cannot be read from here; with a Redis store it can", file=sys.stderr)
+        return None
+    return open_store(config)
+
+
+def cmd_traps(args: argparse.Namespace) -> int:
+    config = _load(args)
+    store = _shared_store(config, "traps")
+    if store is None:
+        return EXIT_BAD_INPUT
+    now = time.time()
+    try:
+        traps = [t for t in store.traps(now, config.traps.ttl) if t.count >= args.min]
+    finally:
+        store.close()
+    header = (f"mx-guard traps, {iso_time(now)}: {len(traps)} client(s) with at least "
+              f"{args.min} bypass(es) within {config.traps.ttl:g}s")
+    if args.json or args.format == "json":
+        sys.stdout.write(traplist.render_json(traps))
+    elif args.format == "nft":
+        sys.stdout.write(traplist.render_nft(traps, header))
+    elif args.format == "rbldnsd":
+        sys.stdout.write(traplist.render_rbldnsd(traps, header))
+    else:
+        sys.stdout.write(traplist.render_plain(traps))
     return EXIT_OK
 
 
@@ -203,7 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--helo", default="")
     p.add_argument("--authenticated", action="store_true",
                    help="the client authenticated (SMTP AUTH)")
+    p.add_argument("--client-name", default=None, metavar="NAME",
+                   help="the client's host name as the MTA verified it (sender pools)")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("traps", parents=[common], help="clients that bypassed a healthy "
+                       "primary and were neither released nor seen there")
+    p.add_argument("--min", type=int, default=1, metavar="N",
+                   help="only clients with at least N bypasses")
+    p.add_argument("--format", choices=["plain", "json", "nft", "rbldnsd"], default="plain")
+    p.add_argument("--json", action="store_true", help="the same as --format json")
     return parser
 
 
@@ -213,6 +286,7 @@ COMMANDS = {
     "check-config": cmd_check_config,
     "explain": cmd_explain,
     "status": cmd_status,
+    "traps": cmd_traps,
 }
 
 

@@ -336,6 +336,40 @@ class PolicyConfig:
         SmtpReply.parse("550 5.7.1 Mail for {domain} must be delivered to its primary MX"),
         _reply("5"),
     )
+    on_seen_at_primary: Action = _setting(
+        Action.TEMPFAIL,
+        _choice(Action, Action.ACCEPT, Action.FLAG, Action.TEMPFAIL, Action.DRY_RUN),
+        "a bypass by a client the witness saw at the primary; never stricter than action",
+    )
+
+
+@dataclass(frozen=True)
+class ReleaseConfig:
+    attempts: int = _setting(3, _integer(1, 1000), "the try of one identity that is released")
+    min_age: float = _setting(parse_duration("15m"), _duration, "if this long after its first try")
+    ttl: float = _setting(parse_duration("36h"), _duration, "a retry identity lives this long")
+    ipv4_prefix: int = _setting(24, _integer(8, 32), "client network of an IPv4 identity")
+    ipv6_prefix: int = _setting(64, _integer(16, 128), "client network of an IPv6 identity")
+
+
+class WitnessRole(StrEnum):
+    SECONDARY = "secondary"
+    WITNESS = "witness"
+
+
+@dataclass(frozen=True)
+class WitnessConfig:
+    role: WitnessRole = _setting(WitnessRole.SECONDARY, _choice(WitnessRole),
+                                 "witness: on a primary MX, record clients, decide nothing")
+    ttl: float = _setting(parse_duration("1h"), _duration, "a client network stays seen")
+    heartbeat: float = _setting(parse_duration("5s"), _duration, "how often a witness says so")
+    queue: int = _setting(10000, _integer(1, 1000000), "records waiting for the writer")
+
+
+@dataclass(frozen=True)
+class TrapsConfig:
+    ttl: float = _setting(parse_duration("24h"), _duration, "a trap count lives this long")
+    threshold: int = _setting(0, _integer(0, 1000000), "reject clients with this many; 0: off")
 
 
 @dataclass(frozen=True)
@@ -363,6 +397,9 @@ class Config:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    release: ReleaseConfig = field(default_factory=ReleaseConfig)
+    witness: WitnessConfig = field(default_factory=WitnessConfig)
+    traps: TrapsConfig = field(default_factory=TrapsConfig)
     domains: tuple[DomainConfig, ...] = ()
     path: str = "<defaults>"
 
@@ -400,6 +437,9 @@ _SECTIONS: dict[str, tuple[str, type]] = {
     "probe": ("probe", ProbeConfig),
     "policy": ("policy", PolicyConfig),
     "metrics": ("metrics", MetricsConfig),
+    "release": ("release", ReleaseConfig),
+    "witness": ("witness", WitnessConfig),
+    "traps": ("traps", TrapsConfig),
 }
 
 
@@ -501,6 +541,21 @@ def _check_together(
             f"{path}: [policy] stale_after ({policy.stale_after:g}s) must be longer than "
             f"the longest gap between two observations ({gap:g}s: the longer of [probe] "
             "interval and down_interval, plus 10% jitter, timeout and [store] refresh)"
+        )
+    release = sections.get("release", ReleaseConfig())
+    traps = sections.get("traps", TrapsConfig())
+    if 0 < traps.threshold <= release.attempts:
+        raise ConfigError(
+            f"{path}: [traps] threshold ({traps.threshold}) must be 0 (off) or more than "
+            f"[release] attempts ({release.attempts}): a sender that ignores MX order "
+            "would be rejected before its retries are released, and its mail bounced"
+        )
+    witness = sections.get("witness", WitnessConfig())
+    if witness.heartbeat >= policy.stale_after:
+        raise ConfigError(
+            f"{path}: [witness] heartbeat ({witness.heartbeat:g}s) must be shorter than "
+            f"[policy] stale_after ({policy.stale_after:g}s), or secondaries would find "
+            "the witness stale between two heartbeats"
         )
     if dns.min_ttl > dns.max_ttl:
         raise ConfigError(f"{path}: [dns] min_ttl ({dns.min_ttl:g}s) is longer than "

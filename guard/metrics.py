@@ -30,6 +30,13 @@ CALLBACK_SECONDS = Histogram(
     # The budget is 250 ms; the interesting part is well below it.
     buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 1.0),
 )
+EVIDENCE_LOOKUPS = Counter(
+    "mxguard_evidence_lookups", "Bypass evidence lookups (ok, failed, skipped after a fault)",
+    ["result"],
+)
+WITNESS_RECORDS = Counter(
+    "mxguard_witness_records", "Client networks a witness wrote or dropped", ["result"]
+)
 CALLBACK_FAILURES = Counter(
     "mxguard_callback_failures", "Callbacks that raised and let the mail through", ["callback"]
 )

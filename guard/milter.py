@@ -26,15 +26,15 @@ from typing import Any, TypeVar, cast
 import Milter
 
 from guard import metrics
-from guard.config import Action
+from guard.evidence import verified_name
 from guard.logsafe import printable
 from guard.milter_socket import nodelay_on_open
-from guard.policy import Connection, Reason, Verdict, client_address, recipient_domain
+from guard.outcome import NO_QUEUE_ID, Envelope, header_value, log_decision, refusal
+from guard.policy import Connection, Verdict, client_address, recipient_domain
 from guard.service import Guard
 
 log = logging.getLogger("guard.milter")
 
-NO_QUEUE_ID = "NOQUEUE"
 MILTER_NAME = "mx-guard"
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -57,16 +57,13 @@ def nocallback(func: F) -> F:
 # hands libmilter bytes where it wants str, which fails and silently drops the whole
 # negotiation (no macro lists, no "no reply" steps); negotiate() below asks directly.
 MACROS_WANTED = {
-    Milter.M_CONNECT: "{client_addr}",
+    # {client_name} is Postfix's verified name ("unknown" otherwise); Sendmail sends
+    # the reverse name and says in {client_resolve} whether it is confirmed.
+    Milter.M_CONNECT: "{client_addr} {client_name} {client_resolve}",
     Milter.M_ENVFROM: "{auth_authen}",
     Milter.M_ENVRCPT: "i",
     Milter.M_EOM: "i",
 }
-
-# Which verdict explains a message best when recipients got different ones.
-_HEADER_PRECEDENCE = [Reason.BYPASS, Reason.HEALTH_UNKNOWN, Reason.MX_UNKNOWN,
-                      Reason.PRIMARY_DOWN, Reason.UNREACHABLE]
-
 
 def fail_open(callback: F) -> F:
     """Run a callback; on any exception log it and answer CONTINUE."""
@@ -76,7 +73,7 @@ def fail_open(callback: F) -> F:
     failures = metrics.CALLBACK_FAILURES.labels(name)
 
     @functools.wraps(callback)
-    def guarded(self: GuardMilter, *args: Any) -> Any:
+    def guarded(self: GuardMilter | WitnessMilter, *args: Any) -> Any:
         started = time.perf_counter()
         try:
             return callback(self, *args)
@@ -104,6 +101,7 @@ class GuardMilter(Milter.Base):  # type: ignore[misc]
         self.guard = guard
         self.conn_id = Milter.uniqueID()
         self.client_raw: str | None = None
+        self.client_name: str | None = None
         self.helo = ""
         self.connected_at = time.time()
         self._reset()
@@ -126,12 +124,10 @@ class GuardMilter(Milter.Base):  # type: ignore[misc]
     @fail_open
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
         self.connected_at = time.time()
-        # libmilter gives (address, port, ...) for TCP clients; Unix-socket and
-        # unknown clients carry no address, and then {client_addr} is all we have.
-        if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
-            self.client_raw = str(hostaddr[0] if isinstance(hostaddr, tuple) else hostaddr)
-        else:
-            self.client_raw = self._macro("{client_addr}")
+        # Unix-socket and unknown clients carry no address: then {client_addr} is all.
+        self.client_raw = _peer_address(family, hostaddr) or self._macro("{client_addr}")
+        self.client_name = verified_name(self._macro("{client_name}"),
+                                         self._macro("{client_resolve}"))
         return CONTINUE
 
     @noreply
@@ -154,16 +150,14 @@ class GuardMilter(Milter.Base):  # type: ignore[misc]
         domain = recipient_domain(recipient)
         if domain is None:
             return CONTINUE  # the MTA judges the syntax; nothing for us to guard
-        conn = Connection(client_address(self.client_raw), self.helo, self.authenticated,
-                          self.connected_at)
-        verdict = self.guard.decide(conn, domain)
-        if verdict.action in (Action.TEMPFAIL, Action.REJECT):
-            policy = self.guard.config.policy
-            template = policy.reply if verdict.action is Action.TEMPFAIL else policy.reject_reply
-            reply = template.for_domain(domain)
+        conn = Connection(client_address(self.client_raw), self.connected_at, self.helo,
+                          self.authenticated, self.client_name)
+        verdict = self.guard.decide(conn, domain, self.sender, recipient)
+        reply = refusal(verdict, self.guard.config.policy)
+        if reply is not None:
             self.setreply(reply.code, reply.enhanced, reply.text)
             self._log(self._macro("i") or NO_QUEUE_ID, recipient, verdict)
-            return TEMPFAIL if verdict.action is Action.TEMPFAIL else REJECT
+            return TEMPFAIL if reply.code[0] == "4" else REJECT
         self.decisions.append(_Decision(recipient, verdict))
         return CONTINUE
 
@@ -204,9 +198,10 @@ class GuardMilter(Milter.Base):  # type: ignore[misc]
             if self.forged_headers:
                 log.info("%s: conn=%s removed %d forged %s header(s)", printable(queue_id, 32),
                          self.conn_id, self.forged_headers, name)
-            flagged = [d.verdict for d in self.decisions if d.verdict.adds_header]
-            if flagged:
-                self.addheader(name, self._header_value(flagged))
+            value = header_value([d.verdict for d in self.decisions],
+                                 self.guard.config.me.node)
+            if value is not None:
+                self.addheader(name, value)
         finally:
             self._reset()
         return CONTINUE
@@ -232,31 +227,79 @@ class GuardMilter(Milter.Base):  # type: ignore[misc]
             return printable(e.object, 64)
         return None if value is None else str(value)
 
-    def _header_value(self, flagged: list[Verdict]) -> str:
-        flagged.sort(key=lambda v: _HEADER_PRECEDENCE.index(v.reason)
-                     if v.reason in _HEADER_PRECEDENCE else len(_HEADER_PRECEDENCE))
-        value = flagged[0].header_value(self.guard.config.me.node)
-        others = sorted({v.domain for v in flagged} - {flagged[0].domain})
-        if others:
-            value += f"; also={','.join(others)}"
-        return value
-
     def _flush_pending(self, why: str) -> None:
         for d in self.decisions:
             self._log(NO_QUEUE_ID, d.recipient, d.verdict, note=why)
         self.decisions = []
 
     def _log(self, queue_id: str, recipient: str, verdict: Verdict, note: str = "") -> None:
-        metrics.DECISIONS.labels(str(verdict.action), str(verdict.reason)).inc()
-        log.info(
-            "%s: conn=%s client=%s helo=%s from=<%s> rcpt=<%s> domain=%s action=%s "
-            "reason=%s%s detail=%s",
-            printable(queue_id, 32), self.conn_id, printable(self.client_raw, 64),
-            printable(self.helo, 80), printable(self.sender.strip("<>"), 120),
-            printable(recipient.strip("<>"), 120), printable(verdict.domain, 80),
-            verdict.action, verdict.reason, f" note={note}" if note else "",
-            printable(verdict.detail, 400),
-        )
+        envelope = Envelope(self.conn_id, self.client_raw, self.helo, self.sender)
+        log_decision(queue_id, envelope, recipient, verdict, note)
+
+
+def _peer_address(family: int, hostaddr: Any) -> str | None:
+    """libmilter gives (address, port, ...) for TCP clients; others carry no address."""
+    if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
+        return str(hostaddr[0] if isinstance(hostaddr, tuple) else hostaddr)
+    return None
+
+
+class WitnessMilter(Milter.Base):  # type: ignore[misc]
+    """On a primary MX: note each client's network for the secondaries, decide nothing.
+
+    Only connect is asked for; every other step is skipped, and the answer is always
+    CONTINUE. The note goes into a queue and never waits on the store.
+    """
+
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+        self.conn_id = Milter.uniqueID()
+
+    def negotiate(self, opts: list[int]) -> int:
+        if opts[0] & Milter.SETSYMLIST:
+            self._ctx.setsymlist(Milter.M_CONNECT, "{client_addr}")
+        return cast(int, super().negotiate(opts))
+
+    @noreply
+    @fail_open
+    def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
+        raw = _peer_address(family, hostaddr)
+        if raw is None:
+            value = self.getsymval("{client_addr}")
+            raw = None if value is None else str(value)
+        client = client_address(raw)
+        if client is not None and self.guard.witness is not None:
+            self.guard.witness.saw(client)
+        return CONTINUE
+
+    @nocallback
+    def hello(self, hostname: str) -> int:
+        return CONTINUE
+
+    @nocallback
+    def envfrom(self, sender: str, *params: str) -> int:
+        return CONTINUE
+
+    @nocallback
+    def envrcpt(self, recipient: str, *params: str) -> int:
+        return CONTINUE
+
+    @fail_open
+    def data(self) -> int:
+        # Answered for the same reason as GuardMilter.data: no 40 ms stall over TCP.
+        return CONTINUE
+
+    @nocallback
+    def header(self, name: str, value: str) -> int:
+        return CONTINUE
+
+    @nocallback
+    def eoh(self) -> int:
+        return CONTINUE
+
+    @nocallback
+    def body(self, chunk: bytes) -> int:
+        return CONTINUE
 
 
 def serve(guard: Guard) -> None:
@@ -267,7 +310,10 @@ def serve(guard: Guard) -> None:
     kind, _, path = socket_spec.partition(":")
     if kind in ("unix", "local"):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    Milter.factory = lambda: GuardMilter(guard)
+    if guard.witness is not None:
+        Milter.factory = lambda: WitnessMilter(guard)
+    else:
+        Milter.factory = lambda: GuardMilter(guard)
     Milter.set_exception_policy(Milter.CONTINUE)
     log.info("milter listening on %s", socket_spec)
     with nodelay_on_open(socket_spec):

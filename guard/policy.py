@@ -14,16 +14,25 @@ Rules, in order (SPEC section 2):
 5. a higher-priority host fully up for the client -> action   bypass
 Health is judged for the client's address family: a host with no address of that
 family could not have been reached by the client, so it never counts as up.
+
+A bypass may then be changed by the evidence the store holds (``guard.evidence``),
+which is handed in as a plain value, looked up only for a bypass:
+   released (a retry identity earned its release)  -> flag      released
+   seen at the primary (fresh witness)             -> on_seen_at_primary  seen-at-primary
+   trap count at or over [traps] threshold         -> reject    trapped
+   otherwise                                       -> action    bypass
+``dry-run`` stays ``dry-run`` whatever the evidence says: it decides and logs only.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from guard.config import Action, Config
+from guard.evidence import Evidence, EvidenceRules
 from guard.health import AggregationRules, HealthSnapshot, State, TargetHealth
 from guard.mxset import (
     MxHost,
@@ -46,16 +55,24 @@ class Reason(StrEnum):
     UNREACHABLE = "unreachable"  # no higher-priority host has an address of C's family
     CLIENT_UNKNOWN = "client-unknown"
     BYPASS = "bypass"
+    RELEASED = "released"  # a retry identity earned its release
+    SEEN_AT_PRIMARY = "seen-at-primary"  # a witness saw the client at the primary
+    TRAPPED = "trapped"  # the client bypassed the primary too often
 
 
 @dataclass(frozen=True)
 class Connection:
-    """What the MTA told us about the SMTP client."""
+    """What the MTA told us about the SMTP client.
+
+    ``connected_at`` has no default: health is judged at that moment, and a made-up
+    one (0.0) would make every observation fresh and every failure recent.
+    """
 
     client: IPAddress | None
+    connected_at: float
     helo: str = ""
     authenticated: bool = False
-    connected_at: float = 0.0
+    client_name: str | None = None  # forward-confirmed by the MTA, else None
 
 
 @dataclass(frozen=True)
@@ -83,6 +100,7 @@ class Verdict:
     client: str = ""
     primary: HostHealth | None = None  # the higher-priority host the decision hinged on
     hosts: tuple[HostHealth, ...] = ()
+    evidence: Evidence | None = None  # what the store knew, for a bypass
 
     @property
     def adds_header(self) -> bool:
@@ -163,7 +181,51 @@ def accept_or_flag(config: Config, action: Action = Action.ACCEPT) -> Action:
     return action
 
 
+_STRICTNESS = (Action.ACCEPT, Action.FLAG, Action.TEMPFAIL, Action.REJECT)
+
+
+def no_stricter(action: Action, limit: Action) -> Action:
+    """``action``, or ``limit`` if that is milder (dry-run stays dry-run)."""
+    if Action.DRY_RUN in (action, limit):
+        return Action.DRY_RUN
+    return min(action, limit, key=_STRICTNESS.index)
+
+
+def with_evidence(verdict: Verdict, evidence: Evidence | None, config: Config) -> Verdict:
+    """A bypass verdict changed by what the store knew (no evidence: unchanged)."""
+    if verdict.reason is not Reason.BYPASS or evidence is None:
+        return verdict
+    rules = EvidenceRules.of(config)
+    base = verdict.action
+    summary = evidence.describe(rules)
+    released = evidence.released_by(rules)
+    if released is not None:
+        action, reason = no_stricter(Action.FLAG, base), Reason.RELEASED
+        detail = f"released by {released.identity} (try {released.tries}); {verdict.detail}"
+    elif evidence.seen_at_primary(rules):
+        action = no_stricter(config.policy.on_seen_at_primary, base)
+        reason, detail = Reason.SEEN_AT_PRIMARY, f"{summary}; {verdict.detail}"
+    elif 0 < config.traps.threshold <= evidence.trap_count:
+        action = Action.DRY_RUN if base is Action.DRY_RUN else Action.REJECT
+        reason, detail = Reason.TRAPPED, f"{summary}; {verdict.detail}"
+    else:
+        action, reason, detail = base, Reason.BYPASS, f"{summary}; {verdict.detail}"
+    return replace(verdict, action=action, reason=reason, detail=detail, evidence=evidence)
+
+
 def decide(
+    conn: Connection,
+    domain: str,
+    mxset: MxSet | None,
+    snapshot: HealthSnapshot,
+    config: Config,
+    evidence: Evidence | None = None,
+) -> Verdict:
+    """The verdict for one recipient; ``evidence`` applies only to a bypass."""
+    return with_evidence(_decide(conn, domain, mxset, snapshot, config), evidence, config)
+
+
+def _decide(
     conn: Connection,
     domain: str,
     mxset: MxSet | None,

@@ -2,21 +2,28 @@
 
 ``Guard`` owns the background threads and exposes what the milter needs on the hot
 path: ``decide()``, which reads only in-memory state (the MX directory and the health
-snapshot) and therefore never waits on the store or DNS.
+snapshot) and never waits on DNS; only a bypass makes one bounded store round trip
+for its evidence (``guard.lookup``). In the witness role (on a primary MX) there is no
+deciding: ``witness`` records connecting clients, and nothing is probed.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 
 from guard import metrics
-from guard.config import Config
+from guard.config import Config, WitnessRole
 from guard.discovery import MxDirectory, directory_for
+from guard.evidence import EvidenceRules, bypass_try
 from guard.health import HealthSnapshot, Observation, Target
-from guard.policy import Connection, Verdict, decide
+from guard.lookup import EvidenceLookup
+from guard.policy import Connection, Reason, Verdict, decide, with_evidence
 from guard.prober import Prober, Publisher
 from guard.refresher import Refresher
 from guard.store import Store, open_store
+from guard.witness import WitnessRecorder
 
 log = logging.getLogger("guard.service")
 
@@ -28,10 +35,16 @@ class Guard:
         store: Store | None = None,
         directory: MxDirectory | None = None,
         probing: bool = True,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.store = store if store is not None else open_store(config)
         self.directory = directory if directory is not None else directory_for(config)
+        self._clock = clock
+        self.witness = (WitnessRecorder(self.store, config, clock)
+                        if config.witness.role is WitnessRole.WITNESS else None)
+        probing = probing and self.witness is None
+        self.evidence = EvidenceLookup(self.store)
         self.publisher = Publisher(self.store)
         self.prober = (
             Prober(config, self.directory.targets, self.publisher,
@@ -60,10 +73,26 @@ class Guard:
     def snapshot(self) -> HealthSnapshot:
         return self.refresher.snapshot
 
-    def decide(self, conn: Connection, domain: str) -> Verdict:
-        return decide(conn, domain, self.directory.get(domain), self.snapshot, self.config)
+    def decide(self, conn: Connection, domain: str, sender: str = "",
+               recipient: str = "") -> Verdict:
+        """The verdict for one recipient; a bypass looks up its evidence first."""
+        config = self.config
+        verdict = decide(conn, domain, self.directory.get(domain), self.snapshot, config)
+        if verdict.reason is not Reason.BYPASS or conn.client is None:
+            return verdict
+        bypass = bypass_try(conn.client, conn.client_name, sender, recipient or domain,
+                            self._clock(), config.release)
+        return with_evidence(verdict, self.evidence.lookup(bypass, EvidenceRules.of(config)),
+                             config)
 
     def start(self) -> None:
+        if self.witness is not None:
+            log.info("starting node %s as a witness: recording clients in store %s, "
+                     "deciding nothing", self.config.me.node, self.store.description)
+            if self.config.metrics.listen:
+                metrics.serve(self.config.metrics.listen)
+            self.witness.start()
+            return
         log.info(
             "starting node %s: %d domain(s), store %s, probe mode %s",
             self.config.me.node, len(self.config.domains), self.store.description,
@@ -80,6 +109,10 @@ class Guard:
             self.prober.start()
 
     def stop(self) -> None:
+        if self.witness is not None:
+            self.witness.stop()
+            self.store.close()
+            return
         if self.prober is not None:
             self.prober.stop()
         self.publisher.stop()

@@ -15,6 +15,7 @@ from typing import Any
 
 from guard.config import Config
 from guard.discovery import MxDirectory
+from guard.evidence import Evidence
 from guard.health import HealthSnapshot, Observation, State, Target, Transition
 from guard.mxset import higher_priority_hosts, self_preference
 from guard.policy import Verdict, iso_time
@@ -31,6 +32,7 @@ class HealthView:
     source: str
     history: tuple[Transition, ...]
     store: str  # where the store is, password masked
+    heartbeats: dict[str, float] | None = None  # witness node -> newest; None: unknown
 
 
 def gather_health(config: Config, store: Store, directory: MxDirectory) -> HealthView:
@@ -41,12 +43,13 @@ def gather_health(config: Config, store: Store, directory: MxDirectory) -> Healt
     try:
         observations = store.observations()
         history = tuple(store.history(20))
+        heartbeats = store.heartbeats()
     except StoreError as e:
         return HealthView(HealthSnapshot(), f"store {store.description} unreachable: {e}", (),
                           store.description)
     return HealthView(
         HealthSnapshot.build(observations, now, "store"), f"store {store.description}",
-        history, store.description,
+        history, store.description, heartbeats,
     )
 
 
@@ -112,6 +115,10 @@ def status_data(config: Config, directory: MxDirectory, view: HealthView) -> dic
         "time": now,
         "domains": domains,
         "history": [_transition(t) for t in view.history],
+        "witnesses": None if view.heartbeats is None else [
+            {"node": node, "heartbeat_at": at,
+             "fresh": now - at <= config.policy.stale_after}
+            for node, at in sorted(view.heartbeats.items())],
     }
 
 
@@ -157,6 +164,15 @@ def render_status(data: dict[str, Any]) -> str:
                                  f"seen {_ago(now, o['observed_at'])}, last fail "
                                  f"{_ago(now, o['last_fail'])}: {o['detail']}")
         lines.append("")
+    witnesses = data.get("witnesses")
+    if witnesses is None:
+        lines.append("witness: not known here (memory store)")
+    elif not witnesses:
+        lines.append("witness: none (no heartbeat in the store)")
+    for w in witnesses or ():
+        state = "fresh" if w["fresh"] else "STALE: its records are not used"
+        lines.append(f"witness {w['node']}: heartbeat {_ago(now, w['heartbeat_at'])} ({state})")
+    lines.append("")
     if data["history"]:
         lines.append("last transitions:")
         for t in data["history"]:
@@ -177,6 +193,13 @@ def render_verdict(verdict: Verdict, node: str, source: str) -> str:
         lines.append(f"header:  {verdict.header_value(node)}")
     for h in verdict.hosts:
         lines.append(f"  {h.describe()}")
+    e = verdict.evidence
+    if e is not None:
+        for c in e.identities:
+            lines.append(f"  identity {c.identity}: try {c.tries}, first try "
+                         f"{iso_time(c.first_at)}")
+        lines.append(f"  witness heartbeat {iso_time(e.heartbeat_at)}, client network seen "
+                     f"{iso_time(e.seen_at)}; trap count {e.trap_count}")
     return "\n".join(lines) + "\n"
 
 
@@ -188,7 +211,17 @@ def verdict_data(verdict: Verdict, node: str, source: str) -> dict[str, Any]:
         "header": verdict.header_value(node) if verdict.adds_header else None,
         "hosts": [{"host": h.host.host, "preference": h.host.preference,
                    "state": str(h.state) if h.state else None} for h in verdict.hosts],
+        "evidence": _evidence(verdict.evidence),
     }
+
+
+def _evidence(e: Evidence | None) -> dict[str, Any] | None:
+    if e is None:
+        return None
+    return {"identities": [{"identity": c.identity, "tries": c.tries, "first_at": c.first_at}
+                           for c in e.identities],
+            "witness_heartbeat_at": e.heartbeat_at, "seen_at_primary_at": e.seen_at,
+            "trap_count": e.trap_count}
 
 
 def to_json(data: dict[str, Any]) -> str:

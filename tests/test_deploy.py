@@ -360,7 +360,7 @@ def test_postfix_snippet_reaches_the_guard_from_a_chrooted_smtpd(site: Site) -> 
                 "X-MX-Guard")
             assert header and header.startswith("bypass; domain=flagged.example;"), header
             # {client_addr} and the queue id (i at end of message) reached the guard.
-            site.guard.wait_for_log(r"\n\S+ \S+ INFO guard\.milter: [0-9A-F]{6,}: conn=\d+ "
+            site.guard.wait_for_log(r"\n\S+ \S+ INFO guard\.decision: [0-9A-F]{6,}: conn=\d+ "
                                     rf"client={re.escape(SPAMMER)} .*domain=flagged\.example "
                                     r"action=flag reason=bypass")
             # The smtpd that did this was chrooted in the queue directory.
@@ -469,7 +469,7 @@ def test_sendmail_mc_consults_the_guard_and_survives_its_death(tmp_path: Path) -
         header = sink.wait_for_message("user@flagged.example", timeout=10).header("X-MX-Guard")
         assert header and header.startswith("bypass; domain=flagged.example;"), header
         # {client_addr} at connect, the queue id at end of message.
-        guard.wait_for_log(rf"INFO guard\.milter: \w{{8,}}: conn=\d+ client={SPAMMER} "
+        guard.wait_for_log(rf"INFO guard\.decision: \w{{8,}}: conn=\d+ client={SPAMMER} "
                            r".*domain=flagged\.example action=flag reason=bypass")
 
         # No F=T: with the guard dead, mail goes through unguarded.

@@ -139,7 +139,7 @@ def decide_for_a_stranger(config: Config) -> Verdict:
     now = time.time()
     snapshot = HealthSnapshot.build(
         [Observation(Target("192.0.2.1"), "mx2", State.UP, now - 60, now)], now, "test")
-    conn = Connection(client_address("203.0.113.7"), "", False, now)
+    conn = Connection(client_address("203.0.113.7"), now)
     return decide(conn, "example.org", directory.get("example.org"), snapshot, config)
 
 

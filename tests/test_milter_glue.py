@@ -76,7 +76,7 @@ def connected(client: str = SPAMMER, helo: str = "spam.example") -> MilterTestCt
 
 
 def decisions(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "guard.milter"
+    return [r.getMessage() for r in caplog.records if r.name == "guard.decision"
             and "action=" in r.getMessage()]
 
 

@@ -84,8 +84,8 @@ def test_negotiates_no_reply_skips_and_only_the_macros_used(running: Running) ->
     # macros at once, so the MTA's next write does not wait 40 ms behind Nagle.
     assert not n.no_reply("rcpt") and not n.no_reply("data") and not n.skips("data")
     assert all(n.skips(step) for step in ("eoh", "body"))
-    assert n.macros == {"connect": ("{client_addr}",), "mail": ("{auth_authen}",),
-                        "rcpt": ("i",), "eom": ("i",)}
+    assert n.macros == {"connect": ("{client_addr}", "{client_name}", "{client_resolve}"),
+                        "mail": ("{auth_authen}",), "rcpt": ("i",), "eom": ("i",)}
 
 
 def test_bypass_unguarded_trusted_and_flag(running: Running) -> None:

@@ -200,7 +200,7 @@ def test_decide(row: Row) -> None:
     if mxset == "config":
         dom = cfg.domain(row.domain)
         mxset = MxSet(row.domain, dom.mx or ()) if dom else None
-    conn = Connection(client_address(row.client), "helo.example", row.authenticated, NOW)
+    conn = Connection(client_address(row.client), NOW, "helo.example", row.authenticated)
     assert not isinstance(mxset, str)
     verdict = decide(conn, row.domain, mxset, snapshot, cfg)
     assert (verdict.action, verdict.reason) == (row.want_action, row.want_reason), \
@@ -214,7 +214,7 @@ def test_header_value_names_reason_domain_primary_client_and_node() -> None:
     snapshot = HealthSnapshot.build([obs(MX1_V4, UP, since_ago=3600)], NOW, "test")
     dom = cfg.domain("flagged.example")
     assert dom is not None and dom.mx is not None
-    conn = Connection(client_address("192.0.2.7"), "", False, NOW)
+    conn = Connection(client_address("192.0.2.7"), NOW)
     verdict = decide(conn, "flagged.example", MxSet("flagged.example", dom.mx), snapshot, cfg)
     assert verdict.header_value("mx2") == (
         "bypass; domain=flagged.example; primary=mx1.example.org up since "

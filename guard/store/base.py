@@ -1,7 +1,8 @@
 """The store interface: where nodes share their observations of targets.
 
 A store keeps, per (target, node), that node's newest observation with a TTL; a bounded
-history of transitions; and a change notice that wakes the refresher. Implementations:
+history of transitions; a change notice that wakes the refresher; and the evidence of
+``guard.evidence``: retry identities, witness records and heartbeats, trap counts. Implementations:
 ``memory://`` (one host, no Redis) and Redis. Every call is bounded by the store's
 timeout and raises ``StoreError`` on any fault, so callers decide how to degrade.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from guard.evidence import BypassTry, Evidence, EvidenceRules, Trap
 from guard.health import Observation, Transition
 
 HISTORY_MAX = 1000  # transitions kept; enough for a day of a flapping primary per node
@@ -40,6 +42,30 @@ class Store(Protocol):
 
     def history(self, limit: int = 50) -> list[Transition]:
         """The newest transitions, oldest first."""
+        ...
+
+    def record_bypass(self, bypass: BypassTry, rules: EvidenceRules) -> Evidence:
+        """Count a bypass try under its identities, read the witness record and
+        heartbeat, and count a trap unless released or seen: one round trip, atomic, so
+        several secondaries counting the same identity at once all count right."""
+        ...
+
+    def peek_bypass(self, bypass: BypassTry, rules: EvidenceRules) -> Evidence:
+        """What ``record_bypass`` would answer for this try, counting nothing (for
+        ``mx-guard explain``): one round trip."""
+        ...
+
+    def heartbeats(self) -> dict[str, float]:
+        """Each witness node's newest heartbeat."""
+        ...
+
+    def record_witness(self, node: str, networks: Sequence[str], at: float,
+                       ttl: float) -> None:
+        """A witness's client networks (seen at ``at``) and heartbeat: one round trip."""
+        ...
+
+    def traps(self, now: float, ttl: float) -> list[Trap]:
+        """Every trapped client address counted within ``ttl`` before ``now``."""
         ...
 
     def wait_for_change(self, timeout: float) -> bool:

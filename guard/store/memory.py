@@ -9,9 +9,28 @@ import collections
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
+from guard.evidence import (
+    BypassTry,
+    Evidence,
+    EvidenceRules,
+    IdentityCount,
+    Trap,
+    counts_as_trap,
+    is_released,
+)
 from guard.health import Observation, Target, Transition
 from guard.store.base import HISTORY_MAX
+
+SWEEP_MIN = 1024  # entries before the first sweep of expired evidence
+
+
+@dataclass
+class _Identity:
+    tries: int
+    first_at: float
+    expires: float
 
 
 class MemoryStore:
@@ -27,6 +46,12 @@ class MemoryStore:
         self._history: collections.deque[Transition] = collections.deque(maxlen=history_max)
         self._changed = threading.Condition()
         self._generation = 0
+        self._identities: dict[str, _Identity] = {}
+        self._seen: dict[str, tuple[float, float]] = {}  # network -> (seen at, expires)
+        self._heartbeats: dict[str, float] = {}  # witness node -> newest heartbeat
+        self._heartbeats_expire = 0.0
+        self._traps: dict[str, Trap] = {}
+        self._next_sweep = SWEEP_MIN
 
     @property
     def description(self) -> str:
@@ -53,8 +78,89 @@ class MemoryStore:
             return [obs for _, obs in self._observations.values()]
 
     def history(self, limit: int = 50) -> list[Transition]:
+        if limit <= 0:
+            return []
         with self._changed:
             return list(self._history)[-limit:]
+
+    # -- evidence: the same rules as the Redis store's script ------------------------
+
+    def record_bypass(self, bypass: BypassTry, rules: EvidenceRules) -> Evidence:
+        return self._bypass(bypass, rules, record=True)
+
+    def peek_bypass(self, bypass: BypassTry, rules: EvidenceRules) -> Evidence:
+        return self._bypass(bypass, rules, record=False)
+
+    def _bypass(self, bypass: BypassTry, rules: EvidenceRules, record: bool) -> Evidence:
+        now = self._clock()
+        at = bypass.at
+        with self._changed:
+            counts = []
+            released = False
+            for identity, key in zip(bypass.identities, bypass.store_keys(), strict=True):
+                known = self._identities.get(key)
+                if known is None or known.expires <= now:
+                    known = _Identity(0, at, 0.0)
+                tries = known.tries + 1
+                if record:
+                    known.tries, known.expires = tries, now + rules.release_ttl
+                    self._identities[key] = known
+                counts.append(IdentityCount(identity, tries, known.first_at))
+                released = released or is_released(tries, known.first_at, at, rules)
+            seen = self._seen.get(bypass.network)
+            seen_at = seen[0] if seen is not None and seen[1] > now else None
+            heartbeat = self._newest_heartbeat(now)
+            fresh = heartbeat is not None and at - heartbeat <= rules.witness_fresh
+            trap = self._traps.get(bypass.client)
+            if trap is not None and trap.last_at + rules.trap_ttl <= now:
+                trap = None
+            count = trap.count if trap is not None else 0
+            if counts_as_trap(released, fresh, seen_at is not None):
+                count += 1
+                if record:
+                    self._traps[bypass.client] = Trap(bypass.client, count, at)
+            self._expire_evidence(now, rules.trap_ttl)
+        return Evidence(at, tuple(counts), heartbeat, seen_at, count)
+
+    def _newest_heartbeat(self, now: float) -> float | None:
+        if now >= self._heartbeats_expire:
+            return None
+        return max(self._heartbeats.values(), default=None)
+
+    def heartbeats(self) -> dict[str, float]:
+        with self._changed:
+            if self._clock() >= self._heartbeats_expire:
+                return {}
+            return dict(self._heartbeats)
+
+    def record_witness(self, node: str, networks: Sequence[str], at: float,
+                       ttl: float) -> None:
+        now = self._clock()
+        with self._changed:
+            for network in networks:
+                self._seen[network] = (at, now + ttl)
+            if now >= self._heartbeats_expire:
+                self._heartbeats.clear()  # as the Redis hash expires with the last witness
+            self._heartbeats[node] = at
+            self._heartbeats_expire = now + ttl
+            if len(self._seen) >= self._next_sweep:
+                self._seen = {k: v for k, v in self._seen.items() if v[1] > now}
+                self._next_sweep = 2 * len(self._seen) + SWEEP_MIN
+
+    def traps(self, now: float, ttl: float) -> list[Trap]:
+        with self._changed:
+            return sorted((t for t in self._traps.values() if t.last_at + ttl > now),
+                          key=lambda t: (-t.count, t.address))
+
+    def _expire_evidence(self, now: float, trap_ttl: float) -> None:
+        # Now and then, not per call: a scan of everything per bypass would be O(n).
+        if len(self._identities) + len(self._seen) + len(self._traps) < self._next_sweep:
+            return
+        self._identities = {k: v for k, v in self._identities.items() if v.expires > now}
+        self._seen = {k: v for k, v in self._seen.items() if v[1] > now}
+        self._traps = {k: v for k, v in self._traps.items() if v.last_at + trap_ttl > now}
+        live = len(self._identities) + len(self._seen) + len(self._traps)
+        self._next_sweep = 2 * live + SWEEP_MIN
 
     def wait_for_change(self, timeout: float) -> bool:
         with self._changed:

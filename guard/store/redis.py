@@ -14,8 +14,18 @@ Key layout, all under the configured prefix ``P`` (default ``mxguard:``):
   (``HISTORY_TTL_SECONDS``) is refreshed by every publish, so it outlives quiet weeks
   but not the last node.
 - ``P changes``: a pub/sub channel; every publish carrying transitions sends a notice.
+- Evidence (``guard.evidence``), all written by one script per bypass try, so that
+  several secondaries counting the same identity at once count right:
+  ``P rel:<hash>``, a hash per retry identity (``t`` tries, ``f`` first try), expiring
+  ``[release] ttl`` after its last try; ``P wit:<network>``, when a witness last saw
+  a client network, expiring after ``[witness] ttl``; ``P wit:hb``, a hash of witness
+  node -> newest heartbeat; ``P trap:<address>``, a hash (``n`` count, ``l`` last),
+  expiring ``[traps] ttl`` after its last count, with ``P traps``, a sorted set of the
+  trapped addresses by last count, for ``mx-guard traps`` (trimmed by the script).
 
-Contracts: ``publish`` and ``observations`` are one round trip each. Every call is
+Contracts: ``publish``, ``observations``, ``record_bypass`` and ``record_witness``
+are one round trip each (the script is sent by its SHA; Redis asks for the text once
+after a restart or SCRIPT FLUSH, which costs that one call a second trip). Every call is
 bounded: socket and connect timeouts are the store timeout, redis-py's own retries are
 off, and a call is retried at most once, only after a connection error that came fast
 (a socket the server closed, a master demoted by a failover), never after a timeout, so
@@ -53,6 +63,15 @@ from redis.sentinel import Sentinel
 from redis.typing import EncodableT, FieldT
 
 from guard.config import Config
+from guard.evidence import (
+    BypassTry,
+    Evidence,
+    EvidenceRules,
+    IdentityCount,
+    Trap,
+    counts_as_trap,
+    is_released,
+)
 from guard.health import Observation, State, Target, Transition
 from guard.store.base import HISTORY_MAX, StoreError
 
@@ -187,6 +206,55 @@ def _typed_options(options: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+# One bypass try (guard.evidence): count every identity, read the witness record and
+# heartbeats, count a trap unless released or seen. The rules are those of
+# guard/evidence.py (is_released, counts_as_trap); the contract suite holds the memory
+# store and this script to the same cases. Times travel as strings: Redis turns a Lua
+# number into an integer on the way out.
+# KEYS: identity hashes..., wit:<network>, wit:hb, trap:<address>, traps
+# ARGV: at, attempts, min_age, release_ttl_ms, witness_fresh, trap_ttl_ms, address
+_RECORD_BYPASS = """
+local at = tonumber(ARGV[1])
+local attempts, min_age = tonumber(ARGV[2]), tonumber(ARGV[3])
+local n = #KEYS - 4
+local out, released = {}, false
+for i = 1, n do
+  local tries = redis.call('HINCRBY', KEYS[i], 't', 1)
+  redis.call('HSETNX', KEYS[i], 'f', ARGV[1])
+  local first = redis.call('HGET', KEYS[i], 'f')
+  redis.call('PEXPIRE', KEYS[i], ARGV[4])
+  if tries >= attempts and at - tonumber(first) >= min_age then released = true end
+  out[#out + 1] = tostring(tries)
+  out[#out + 1] = first
+end
+local seen = redis.call('GET', KEYS[n + 1])
+local heartbeat = false
+for _, v in ipairs(redis.call('HVALS', KEYS[n + 2])) do
+  if heartbeat == false or tonumber(v) > tonumber(heartbeat) then heartbeat = v end
+end
+local fresh = heartbeat ~= false and at - tonumber(heartbeat) <= tonumber(ARGV[5])
+local trap
+if not released and not (fresh and seen) then
+  trap = redis.call('HINCRBY', KEYS[n + 3], 'n', 1)
+  redis.call('HSET', KEYS[n + 3], 'l', ARGV[1])
+  redis.call('PEXPIRE', KEYS[n + 3], ARGV[6])
+  redis.call('ZADD', KEYS[n + 4], at, ARGV[7])
+  redis.call('ZREMRANGEBYSCORE', KEYS[n + 4], '-inf', at - tonumber(ARGV[6]) / 1000)
+  redis.call('PEXPIRE', KEYS[n + 4], ARGV[6])
+else
+  trap = tonumber(redis.call('HGET', KEYS[n + 3], 'n') or '0')
+end
+out[#out + 1] = seen
+out[#out + 1] = heartbeat
+out[#out + 1] = tostring(trap)
+return out
+"""
+
+
+def _ms(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
+
+
 def _encode(obs: Observation, expires: float) -> str:
     return json.dumps(
         {
@@ -251,6 +319,7 @@ class RedisStore:
         self._decoded: dict[tuple[str, str], tuple[Observation, float]] = {}
         self._wait_lock = threading.Lock()
         self._closed = False
+        self._record_bypass = self._redis.register_script(_RECORD_BYPASS)
 
     @classmethod
     def from_config(cls, config: Config) -> RedisStore:
@@ -445,6 +514,106 @@ class RedisStore:
             except (ValueError, KeyError) as e:
                 log.debug("skipping a malformed history entry %s: %s", _id, e)
         return out
+
+    # -- evidence -----------------------------------------------------------------------
+
+    def record_bypass(self, bypass: BypassTry, rules: EvidenceRules) -> Evidence:
+        p = self._prefix
+        keys = [f"{p}rel:{k}" for k in bypass.store_keys()]
+        keys += [f"{p}wit:{bypass.network}", f"{p}wit:hb", f"{p}trap:{bypass.client}",
+                 f"{p}traps"]
+        args: list[EncodableT] = [
+            repr(bypass.at), rules.attempts, repr(rules.min_age), _ms(rules.release_ttl),
+            repr(rules.witness_fresh), _ms(rules.trap_ttl), bypass.client,
+        ]
+        # A retry after a dropped reply counts the try twice: one try early is the
+        # price of not losing the evidence to a restarted connection.
+        raw = cast("list[str | None]", self._call(
+            "record bypass", lambda: self._record_bypass(keys=keys, args=args)))
+        n = len(bypass.identities)
+        try:
+            counts = tuple(IdentityCount(identity, int(cast(str, raw[2 * i])),
+                                         float(cast(str, raw[2 * i + 1])))
+                           for i, identity in enumerate(bypass.identities))
+            seen, heartbeat, trap = raw[2 * n], raw[2 * n + 1], raw[2 * n + 2]
+            return Evidence(bypass.at, counts, None if heartbeat is None else float(heartbeat),
+                            None if seen is None else float(seen), int(cast(str, trap)))
+        except (IndexError, TypeError, ValueError) as e:
+            raise StoreError(f"redis record bypass: unexpected reply: {_short(e)}") from e
+
+    def peek_bypass(self, bypass: BypassTry, rules: EvidenceRules) -> Evidence:
+        p = self._prefix
+
+        def run() -> list[Any]:
+            with self._redis.pipeline(transaction=False) as pipe:
+                for k in bypass.store_keys():
+                    pipe.hmget(f"{p}rel:{k}", ["t", "f"])
+                pipe.get(f"{p}wit:{bypass.network}")
+                pipe.hvals(f"{p}wit:hb")
+                pipe.hget(f"{p}trap:{bypass.client}", "n")
+                return pipe.execute()
+
+        raw = self._call("peek bypass", run)
+        n = len(bypass.identities)
+        try:
+            counts = []
+            released = False
+            for identity, (tries, first) in zip(bypass.identities, raw[:n], strict=True):
+                count = IdentityCount(identity, int(tries or 0) + 1,
+                                      float(first) if first is not None else bypass.at)
+                released = released or is_released(count.tries, count.first_at, bypass.at,
+                                                   rules)
+                counts.append(count)
+            seen = None if raw[n] is None else float(raw[n])
+            heartbeat = max((float(v) for v in raw[n + 1]), default=None)
+            fresh = heartbeat is not None and bypass.at - heartbeat <= rules.witness_fresh
+            trap = int(raw[n + 2] or 0) + counts_as_trap(released, fresh, seen is not None)
+        except (TypeError, ValueError) as e:
+            raise StoreError(f"redis peek bypass: unexpected reply: {_short(e)}") from e
+        return Evidence(bypass.at, tuple(counts), heartbeat, seen, trap)
+
+    def heartbeats(self) -> dict[str, float]:
+        raw = cast("dict[str, str]",
+                   self._call("read heartbeats", lambda: self._redis.hgetall(
+                       f"{self._prefix}wit:hb")))
+        out = {}
+        for node, value in raw.items():
+            with contextlib.suppress(ValueError):
+                out[node] = float(value)
+        return out
+
+    def record_witness(self, node: str, networks: Sequence[str], at: float,
+                       ttl: float) -> None:
+        p, stamp, ttl_ms = self._prefix, repr(at), _ms(ttl)
+
+        def run() -> None:
+            with self._redis.pipeline(transaction=False) as pipe:
+                for network in networks:
+                    pipe.set(f"{p}wit:{network}", stamp, px=ttl_ms)
+                pipe.hset(f"{p}wit:hb", node, stamp)
+                # Secondaries read the newest heartbeat; the hash goes with the last witness.
+                pipe.pexpire(f"{p}wit:hb", ttl_ms)
+                pipe.execute()
+
+        self._call("record witness", run)
+
+    def traps(self, now: float, ttl: float) -> list[Trap]:
+        p = self._prefix
+
+        def run() -> list[Trap]:
+            addresses = cast("list[str]", self._redis.zrangebyscore(f"{p}traps", now - ttl,
+                                                                     "+inf"))
+            with self._redis.pipeline(transaction=False) as pipe:
+                for a in addresses:
+                    pipe.hmget(f"{p}trap:{a}", ["n", "l"])
+                rows = cast("list[list[str | None]]", pipe.execute())
+            out = []
+            for a, (count, last) in zip(addresses, rows, strict=True):
+                if count is not None and last is not None:
+                    out.append(Trap(a, int(count), float(last)))
+            return sorted(out, key=lambda t: (-t.count, t.address))
+
+        return self._call("read traps", run)
 
     # -- change notices -----------------------------------------------------------------
 

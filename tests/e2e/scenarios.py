@@ -77,7 +77,7 @@ def decision(guard: GuardProcess, recipient: str, after: int = 0,
              timeout: float = 10.0) -> re.Match[str]:
     """The guard's log line for *recipient*: groups qid, client, action, reason, detail."""
     return guard.wait_for_log(
-        r"guard\.milter: (?P<qid>\S+): conn=\d+ client=(?P<client>\S+) [^\n]*"
+        r"guard\.decision: (?P<qid>\S+): conn=\d+ client=(?P<client>\S+) [^\n]*"
         rf"rcpt=<{re.escape(recipient)}> domain=\S+ action=(?P<action>\S+) "
         r"reason=(?P<reason>\S+)(?: note=\S+)? detail=(?P<detail>[^\n]*)",
         timeout, after)

@@ -68,7 +68,7 @@ def decide_bench(domains: int) -> dict[str, float]:
         observations += [Observation(t, "mx2", State.UP, now - 600, now)
                          for t in d.mx[0].targets()]
     snapshot = HealthSnapshot.build(observations, now, "bench")
-    conn = Connection(client_address("203.0.113.7"), "", False, now)
+    conn = Connection(client_address("203.0.113.7"), now)
     names = itertools.cycle(list(sets)[:: max(1, domains // 100)])
     verdict = decide(conn, next(names), sets.get(next(names)), snapshot, config)
     assert verdict.reason == "bypass", verdict

@@ -4,8 +4,9 @@
 # Installs only what is missing; needs root for that.
 set -eu
 
-# systemd brings systemd-analyze, -sysusers and -tmpfiles for the deploy/ checks.
-packages="redis-server miltertest openssl systemd"
+# systemd brings systemd-analyze, -sysusers and -tmpfiles for the deploy/ checks;
+# nftables and rbldnsd load what `mx-guard traps` exports.
+packages="redis-server miltertest openssl systemd nftables rbldnsd"
 missing=""
 for p in $packages; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
