@@ -104,6 +104,7 @@ class GuardMilter(Milter.Base):  # type: ignore[misc]
         self.client_name: str | None = None
         self.helo = ""
         self.connected_at = time.time()
+        self._our_header = guard.config.policy.header.lower()  # compared once per header
         self._reset()
 
     def _reset(self) -> None:
@@ -171,9 +172,14 @@ class GuardMilter(Milter.Base):  # type: ignore[misc]
     @noreply
     @fail_open
     def header(self, name: str, value: str) -> int:
-        if name.lower() == self.guard.config.policy.header.lower():
+        if name.lower() == self._our_header:
             self.forged_headers += 1
         return CONTINUE
+
+    def header_bytes(self, name: str, value: bytes) -> int:
+        # pymilter calls this for every header and would decode each value; only the
+        # name matters here, so the value is never decoded.
+        return self.header(name, "")
 
     @nocallback
     def eoh(self) -> int:
