@@ -13,6 +13,7 @@ counted on the Redis guard from the server's own command counters.
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +24,15 @@ from tests.support.guardproc import GuardProcess
 from tests.support.milterload import Session, run_session, sessions_per_second
 from tests.support.redis_server import RedisServer
 from tests.support.smtp import GuardedDomain, MilterProcess, guard_config, wait_until
+from tests.support.smtpserver import free_port
 
 CLIENTS = (1, 8, 32)
 ROUNDS = 3
 SECONDS = 1.5  # per measurement
 BYPASS = Session("203.0.113.7")  # untrusted; flagged.example's primary is up: flag
 TRUSTED = Session("127.0.0.1")  # in trusted_networks
+UNGUARDED = Session("203.0.113.7", "<user@unguarded.example>")
+PRIMARY_DOWN = Session("203.0.113.7", "<user@down.example>")  # its primary refuses
 
 NOOP_MILTER = """
 import sys, Milter
@@ -72,23 +76,42 @@ class Setup:
     session: Session
 
 
-def _redis_calls(redis: RedisServer) -> int:
-    stats: dict[str, Any] = redis.admin.info("commandstats")
-    return sum(int(v["calls"]) for k, v in stats.items()
-               if k.startswith("cmdstat_") and k not in ("cmdstat_info",))
+class RoundTrips:
+    """Commands clients send to Redis, from MONITOR: one line per command a client sent,
+    and the commands a Lua script runs marked "lua", which are no round trip."""
+
+    def __init__(self, redis: RedisServer) -> None:
+        self.count = 0
+        self._monitor = redis.client().monitor()
+        self._monitor.__enter__()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                if self._monitor.next_command().get("client_type") != "lua":
+                    self.count += 1
+        except Exception:  # closed at the end
+            return
+
+    def close(self) -> None:
+        self._monitor.__exit__(None, None, None)
 
 
-def round_trips(redis: RedisServer, address: str, session: Session, n: int = 200) -> float:
-    """Store commands per session on one path, the background's rate subtracted."""
+def round_trips(counter: RoundTrips, address: str, session: Session, n: int = 200) -> float:
+    """Store round trips per session on one path, the background's rate subtracted."""
     steps = session.steps()
     run_session(address, steps)
-    before, started = _redis_calls(redis), time.perf_counter()
+    time.sleep(0.2)
+    before, started = counter.count, time.perf_counter()
     time.sleep(1.0)
-    idle_rate = (_redis_calls(redis) - before) / (time.perf_counter() - started)
-    before, started = _redis_calls(redis), time.perf_counter()
+    idle_rate = (counter.count - before) / (time.perf_counter() - started)
+    before, started = counter.count, time.perf_counter()
     for _ in range(n):
         run_session(address, steps)
-    busy = _redis_calls(redis) - before
+    time.sleep(0.2)  # MONITOR lines arrive after the commands
+    busy = counter.count - before
     elapsed = time.perf_counter() - started
     return max(0.0, (busy - idle_rate * elapsed) / n)
 
@@ -97,18 +120,20 @@ def run(work: Path, sockets: Path) -> dict[str, Any]:
     script = work / "noop_same_callbacks.py"
     script.write_text(NOOP_MILTER)
     with FakePrimary() as mx1, RedisServer() as redis:
-        domain = GuardedDomain("flagged.example", mx1.address, action="flag")
+        domain = [GuardedDomain("flagged.example", mx1.address, action="flag"),
+                  GuardedDomain("down.example", ("127.0.0.1", free_port()), action="flag")]
         noop = MilterProcess(script, f"unix:{sockets}/noop-direct.sock").start()
         guards = {
-            "memory": GuardProcess(guard_config(f"unix:{sockets}/guard-mem.sock", [domain]),
+            "memory": GuardProcess(guard_config(f"unix:{sockets}/guard-mem.sock", domain),
                                    work, "guard-direct-memory").start(),
-            "redis": GuardProcess(guard_config(f"unix:{sockets}/guard-redis.sock", [domain],
+            "redis": GuardProcess(guard_config(f"unix:{sockets}/guard-redis.sock", domain,
                                                store=redis.url), work,
                                   "guard-direct-redis").start(),
         }
         try:
             for g in guards.values():
                 g.wait_for_log(r"target 127\.0\.0\.1:\d+ is up")
+                g.wait_for_log(r"target 127\.0\.0\.1:\d+ is down")
                 g.wait_for_log(r"milter listening")
             wait_until(lambda: Path(f"{sockets}/guard-redis.sock").exists()
                        and Path(f"{sockets}/guard-mem.sock").exists(), 10)
@@ -127,10 +152,14 @@ def run(work: Path, sockets: Path) -> dict[str, Any]:
                     for s in order:
                         rates[s.name][clients].append(
                             sessions_per_second(s.socket, s.session, clients, SECONDS))
-            trips = {
-                "bypass": round_trips(redis, f"{sockets}/guard-redis.sock", BYPASS),
-                "trusted": round_trips(redis, f"{sockets}/guard-redis.sock", TRUSTED),
-            }
+            counter = RoundTrips(redis)
+            try:
+                trips = {name: round_trips(counter, f"{sockets}/guard-redis.sock", session)
+                         for name, session in (("bypass", BYPASS), ("trusted", TRUSTED),
+                                               ("unguarded", UNGUARDED),
+                                               ("primary-down", PRIMARY_DOWN))}
+            finally:
+                counter.close()
         finally:
             for g in guards.values():
                 g.stop()
