@@ -91,8 +91,8 @@ def table(r: dict[str, Any]) -> str:
                        f"({v['decide_us'] / v['dict_lookup_us']:.0f}x a dict lookup)")
         p = c["probe_cycle"]
         out.append(f"  probe cycle, {p['targets']} targets ({p['down_or_unknown']} silent or "
-                   f"refusing): first round {p['first_round_s']:.2f} s, "
-                   f"{p['cpu_s_per_cycle']:.2f} CPU-s per 10 s cycle")
+                   f"refusing): first round {p['first_round_s']:.2f} s; per 10 s cycle "
+                   f"{p['probes_per_cycle']:.0f} probes, {p['cpu_s_per_cycle']:.2f} CPU-s")
         s = c["startup"]
         out.append(f"  mx-guard run, {s['domains']} domains: listening after "
                    f"{s['start_s']:.2f} s, RSS {s['rss_mb']:.0f} MB")
