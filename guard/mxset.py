@@ -45,13 +45,20 @@ class MxHost:
     addresses: tuple[str, ...] = ()
     port: int = SMTP_PORT
 
+    # Targets per family, filled on first use (decide() asks on every RCPT).
+    _targets: dict[int | None, tuple[Target, ...]] = field(
+        default_factory=dict, init=False, compare=False, hash=False, repr=False)
+
     def targets(self, family: int | None = None) -> tuple[Target, ...]:
         """The host's targets, optionally only those of IP version ``family`` (4 or 6)."""
-        return tuple(
-            Target(a, self.port)
-            for a in self.addresses
-            if family is None or ip_version(a) == family
-        )
+        found = self._targets.get(family)
+        if found is None:
+            found = self._targets[family] = tuple(
+                Target(a, self.port)
+                for a in self.addresses
+                if family is None or ip_version(a) == family
+            )
+        return found
 
 
 class MxSource(StrEnum):
