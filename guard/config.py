@@ -551,7 +551,7 @@ def _check_together(
             "would be rejected before its retries are released, and its mail bounced"
         )
     witness = sections.get("witness", WitnessConfig())
-    if witness.heartbeat >= policy.stale_after:
+    if witness.role is WitnessRole.WITNESS and witness.heartbeat >= policy.stale_after:
         raise ConfigError(
             f"{path}: [witness] heartbeat ({witness.heartbeat:g}s) must be shorter than "
             f"[policy] stale_after ({policy.stale_after:g}s), or secondaries would find "

@@ -254,7 +254,9 @@ class WitnessMilter(Milter.Base):  # type: ignore[misc]
     """On a primary MX: note each client's network for the secondaries, decide nothing.
 
     Only connect is asked for; every other step is skipped, and the answer is always
-    CONTINUE. The note goes into a queue and never waits on the store.
+    CONTINUE. The note goes into a queue and never waits on the store. Connect is
+    answered, not "no reply": libmilter drops a session whose MTA hung up before its
+    commands were read, and a client greylisted at the primary may hang up at once.
     """
 
     def __init__(self, guard: Guard) -> None:
@@ -266,7 +268,6 @@ class WitnessMilter(Milter.Base):  # type: ignore[misc]
             self._ctx.setsymlist(Milter.M_CONNECT, "{client_addr}")
         return cast(int, super().negotiate(opts))
 
-    @noreply
     @fail_open
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
         raw = _peer_address(family, hostaddr)

@@ -77,7 +77,7 @@ POSTFIX_LINES = (
     "smtpd_milters = unix:/mx-guard/guard.sock",
     "#smtpd_milters = unix:/var/spool/postfix/mx-guard/guard.sock",
     "milter_default_action = accept",
-    "milter_connect_macros = j {daemon_name} {daemon_addr} v _ {client_addr}",
+    "milter_connect_macros = j {daemon_name} {daemon_addr} v _ {client_addr} {client_name}",
     "milter_protocol = 6",
     "milter_connect_timeout = 5s",
     "milter_command_timeout = 5s",
@@ -85,7 +85,7 @@ POSTFIX_LINES = (
 )
 SENDMAIL_LINES = (
     "define(`confMILTER_MACROS_CONNECT', `j, _, {daemon_name}, {if_name}, {if_addr}, "
-    "{client_addr}')dnl",
+    "{client_addr}, {client_name}, {client_resolve}')dnl",
     "define(`confMILTER_MACROS_ENVFROM', `i, {auth_type}, {auth_authen}, {auth_ssf}, "
     "{auth_author}, {mail_mailer}, {mail_host}, {mail_addr}')dnl",
     "define(`confMILTER_MACROS_EOM', `{msg_id}, i')dnl",
@@ -435,7 +435,8 @@ def test_sendmail_mc_builds_with_m4(tmp_path: Path) -> None:
     for line in (
         "O InputMailFilters=mx-guard",
         f"Xmx-guard, S=local:{SENDMAIL_SOCKET}, T=C:5s;S:5s;R:5s;E:10s",
-        "O Milter.macros.connect=j, _, {daemon_name}, {if_name}, {if_addr}, {client_addr}",
+        "O Milter.macros.connect=j, _, {daemon_name}, {if_name}, {if_addr}, {client_addr}, "
+        "{client_name}, {client_resolve}",
         "O Milter.macros.envfrom=i, {auth_type}, {auth_authen}, {auth_ssf}, {auth_author}, "
         "{mail_mailer}, {mail_host}, {mail_addr}",
         "O Milter.macros.eom={msg_id}, i",

@@ -221,7 +221,8 @@ def test_rules_follow_the_config() -> None:
 
 @pytest.mark.parametrize(("sections", "message"), [
     ({"traps": {"threshold": 3}}, "[traps] threshold (3) must be 0 (off) or more than"),
-    ({"witness": {"heartbeat": "60s"}}, "[witness] heartbeat (60s) must be shorter than"),
+    ({"witness": {"role": "witness", "heartbeat": "60s"}},
+     "[witness] heartbeat (60s) must be shorter than"),
     ({"witness": {"role": "primary"}}, "must be one of secondary, witness"),
     ({"release": {"ipv4_prefix": 33}}, "[release] ipv4_prefix: must be between 8 and 32"),
     ({"policy": {"on_seen_at_primary": "reject"}}, "on_seen_at_primary: must be one of"),

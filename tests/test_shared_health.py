@@ -39,6 +39,7 @@ from typing import IO, Any
 import pytest
 
 from guard.health import Observation, State, Target, Transition
+from guard.lookup import BACKOFF_SECONDS
 from guard.store.redis import RedisStore
 from tests.support.fakeprimary import FakePrimary
 from tests.support.guardproc import ROOT, GuardProcess, guard_toml
@@ -157,12 +158,16 @@ def check_window(traffic: Traffic, start: float, end: float, want: str, phase: s
     slow = [s for s in samples if s.elapsed >= BUDGET]
     assert not slow, (f"{label}: {len(slow)} transaction(s) over the {BUDGET * 1000:.0f} ms "
                       f"budget; worst {worst * 1000:.1f} ms")
-    # No store round trip on the hot path: a callback that waited on a frozen store
-    # takes its whole timeout. A stray scheduling hiccup or two is not that.
+    # No store round trip on the hot path but a bypass's one evidence lookup: a callback
+    # that waited on a frozen store takes its whole timeout. After one such wait the
+    # lookup leaves the store alone for BACKOFF_SECONDS, so a bypass may wait once per
+    # back-off; any other path never. A stray scheduling hiccup or two is not that.
+    lookups = int((end - start) / BACKOFF_SECONDS) + 1 if want == BYPASS_451 else 0
     waited = [s for s in samples if s.elapsed >= 0.9 * STORE_TIMEOUT]
-    assert len(waited) <= 2, (f"{label}: {len(waited)} transactions took as long as a store "
-                              f"call ({STORE_TIMEOUT * 1000:.0f} ms): does the hot path wait on "
-                              f"the store? worst {worst * 1000:.1f} ms")
+    assert len(waited) <= lookups + 2, (
+        f"{label}: {len(waited)} transactions took as long as a store call "
+        f"({STORE_TIMEOUT * 1000:.0f} ms), more than {lookups} evidence lookup(s) in "
+        f"{end - start:.1f}s: does the hot path wait on the store? worst {worst * 1000:.1f} ms")
     return worst
 
 

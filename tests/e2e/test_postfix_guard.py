@@ -11,7 +11,7 @@ harness's private-instance plumbing, see postfix.py):
     smtpd_milters = unix:/.../guard.sock          (or inet:127.0.0.1:PORT)
     milter_default_action = accept
     milter_protocol = 6
-    milter_connect_macros = j {daemon_name} {daemon_addr} v _ {client_addr}
+    milter_connect_macros = j {daemon_name} {daemon_addr} v _ {client_addr} {client_name}
     milter_connect_timeout = 5s
     milter_command_timeout = 5s
     milter_content_timeout = 10s
@@ -80,8 +80,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SASL_USER, SASL_PASSWORD = "alice@mx2.test.example", "s3cret-alice"
 
 # Postfix's defaults (every other milter_*_macros of postfix.py's DEFAULT_MILTER_MACROS),
-# plus {client_addr} at connect (not sent by default).
-POSTFIX_MACROS = {"milter_connect_macros": "j {daemon_name} {daemon_addr} v _ {client_addr}"}
+# plus {client_addr} and {client_name} at connect (not sent by default).
+POSTFIX_MACROS = {
+    "milter_connect_macros": "j {daemon_name} {daemon_addr} v _ {client_addr} {client_name}",
+}
 # For the frozen-guard scenario: how long Postfix waits on a milter that never answers.
 SHORT_MILTER_TIMEOUTS = {"milter_connect_timeout": "2s", "milter_command_timeout": "2s",
                          "milter_content_timeout": "2s"}
@@ -304,8 +306,9 @@ def test_frozen_guard_costs_one_milter_timeout_then_mail_flows(site: Site) -> No
             assert client.mail(SENDER)[0] == 250
             mail_took = time.monotonic() - started
             started = time.monotonic()
-            code, _ = client.rcpt(to)
+            code, text = client.rcpt(to)
             rcpt_took = time.monotonic() - started
+            assert code == 250, (code, text, rcpt_took, site.postfix.log_text()[-2000:])
             data_code, _ = client.data(message_with(to))
         finally:
             guard.signal(signal.SIGCONT)

@@ -8,7 +8,7 @@ The .mc lines under test (the README quotes them; the rest is the harness's
 private-instance plumbing, see sendmail.py):
 
     define(`confMILTER_MACROS_CONNECT', `j, _, {daemon_name}, {if_name}, {if_addr},
-        {client_addr}')dnl
+        {client_addr}, {client_name}, {client_resolve}')dnl
     define(`confMILTER_MACROS_EOM', `{msg_id}, i')dnl
     INPUT_MAIL_FILTER(`mx-guard', `S=local:/.../guard.sock, T=C:5s;S:5s;R:5s;E:10s')dnl
 
@@ -50,12 +50,14 @@ from .scenarios import (
     reply_451,
 )
 
-# Sendmail's default (cf/m4/cfhead.m4) plus {client_addr} at connect. The other
+# Sendmail's default (cf/m4/cfhead.m4) plus {client_addr}, {client_name} and
+# {client_resolve} at connect. The other
 # confMILTER_MACROS_* are sendmail.py's DEFAULT_MILTER_MACROS: Sendmail's defaults, plus i
 # at end of message (Sendmail also sends i there when the guard asks for it in its
 # negotiation).
 SENDMAIL_MACROS = {
-    "confMILTER_MACROS_CONNECT": "j, _, {daemon_name}, {if_name}, {if_addr}, {client_addr}",
+    "confMILTER_MACROS_CONNECT": "j, _, {daemon_name}, {if_name}, {if_addr}, {client_addr}, "
+                                 "{client_name}, {client_resolve}",
 }
 MILTER_NAME = "mx-guard"
 MILTER_FLAGS = ""  # no F=T: a dead guard lets mail through

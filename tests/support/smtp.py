@@ -455,18 +455,20 @@ class GuardedDomain:
 def guard_config(socket: str, domains: Sequence[GuardedDomain], *, node: str = "mx2",
                  self_name: str = "mx2.example.org", store: str = "memory://",
                  probe_mode: str = "banner",
-                 trusted_networks: Sequence[str] = ("127.0.0.1/32", "::1/128")) -> str:
+                 trusted_networks: Sequence[str] = ("127.0.0.1/32", "::1/128"),
+                 stale_after: str = "10s", extra: str = "") -> str:
     """A guard config with fast probes (every 200 ms, rise = fall = 2), the EHLO name
     *self_name*, and everything else at its default (down_grace 30m, header
-    X-MX-Guard, the default 451 reply, trust_authenticated)."""
+    X-MX-Guard, the default 451 reply, trust_authenticated). *extra* is more TOML
+    (whole tables, e.g. [release]) placed before the domains."""
     trusted = ", ".join(f'"{n}"' for n in trusted_networks)
     return (f'[milter]\nsocket = "{socket}"\n'
             f'[self]\nnode = "{node}"\nnames = ["{self_name}"]\n'
             f'[store]\nurl = "{store}"\nrefresh = "200ms"\n'
             f'[probe]\nmode = "{probe_mode}"\ninterval = "200ms"\ndown_interval = "200ms"\n'
             f'timeout = "1s"\nrise = 2\nfall = 2\nhelo = "{self_name}"\n'
-            f'[policy]\nstale_after = "10s"\ntrusted_networks = [{trusted}]\n'
-            + "".join(d.toml() for d in domains))
+            f'[policy]\nstale_after = "{stale_after}"\ntrusted_networks = [{trusted}]\n'
+            + extra + "\n" + "".join(d.toml() for d in domains))
 
 
 @dataclass(frozen=True)
