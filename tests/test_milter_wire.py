@@ -80,9 +80,13 @@ def test_negotiates_no_reply_skips_and_only_the_macros_used(running: Running) ->
     with MilterClient(running.socket, timeout=2) as c:
         n = c.negotiate()
     assert all(n.no_reply(step) for step in ("connect", "helo", "mail", "header"))
-    # DATA is answered, not skipped: over TCP the answer is what acknowledges the DATA
-    # macros at once, so the MTA's next write does not wait 40 ms behind Nagle.
-    assert not n.no_reply("rcpt") and not n.no_reply("data") and not n.skips("data")
+    assert not n.no_reply("rcpt")
+    # Over TCP DATA is answered: the answer acknowledges the DATA macros at once, so the
+    # MTA's next write does not wait 40 ms behind Nagle. A Unix socket skips the step.
+    if running.socket.startswith("inet:"):
+        assert not n.no_reply("data") and not n.skips("data")
+    else:
+        assert n.skips("data")
     assert all(n.skips(step) for step in ("eoh", "body"))
     assert n.macros == {"connect": ("{client_addr}", "{client_name}", "{client_resolve}"),
                         "mail": ("{auth_authen}",), "rcpt": ("i",), "eom": ("i",)}

@@ -3,7 +3,8 @@
 Postfix: one private instance with one smtpd listener per setup (master.cf ``-o``
 overrides), relaying flagged.example to Postfix's own ``smtp-sink``:
   none        no milter
-  noop        a no-op pymilter milter (libmilter's own cost), Unix socket
+  noop        a no-op pymilter milter with the guard's callbacks (bench_milter.py),
+              Unix socket: libmilter's and pymilter's own cost
   guard-unix  mx-guard run on a Unix socket
   guard-inet  mx-guard run on a TCP socket on loopback
 Each message is decided on the bypass path (untrusted client, healthy primary, flag:
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.support.bench_milter import NOOP_MILTER
 from tests.support.fakeprimary import FakePrimary
 from tests.support.guardproc import GuardProcess
 from tests.support.postfix import PostfixMTA
@@ -43,13 +45,6 @@ SOURCE_MESSAGES = {1: 60, 20: 300}  # smtp-source messages per run, by sessions 
 CLIENT = "127.0.0.2"
 SENDER, RCPT = "a@client.example", "user@flagged.example"
 
-NOOP_MILTER = """
-import sys, Milter
-class Noop(Milter.Base):
-    pass
-Milter.factory = Noop
-Milter.runmilter("noop", sys.argv[1], 10)
-"""
 
 
 def p(values: list[float], q: float) -> float:
