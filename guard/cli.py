@@ -28,6 +28,8 @@ from guard.policy import (
     recipient_domain,
     with_evidence,
 )
+from guard.simulate.cli import add_arguments as simulate_arguments
+from guard.simulate.cli import run as cmd_simulate
 from guard.status import (
     HealthView,
     gather_health,
@@ -277,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only clients with at least N bypasses")
     p.add_argument("--format", choices=["plain", "json", "nft", "rbldnsd"], default="plain")
     p.add_argument("--json", action="store_true", help="the same as --format json")
+    p = sub.add_parser("simulate", parents=[common], help="replay a scenario of mail on a "
+                       "virtual clock through the guard's own decisions")
+    simulate_arguments(p)
     return parser
 
 
@@ -287,6 +292,7 @@ COMMANDS = {
     "explain": cmd_explain,
     "status": cmd_status,
     "traps": cmd_traps,
+    "simulate": cmd_simulate,
 }
 
 

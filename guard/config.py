@@ -321,6 +321,10 @@ class PolicyConfig:
     )
     flag_all: bool = _setting(False, _boolean)
     down_grace: float = _setting(parse_duration("30m"), _duration)
+    on_recently_down: Action = _setting(
+        Action.FLAG, _choice(Action, Action.ACCEPT, Action.FLAG),
+        "a primary that failed within down_grace but is seen up again",
+    )
     stale_after: float = _setting(parse_duration("60s"), _duration)
     trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = _setting(
         (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),
@@ -345,8 +349,12 @@ class PolicyConfig:
 
 @dataclass(frozen=True)
 class ReleaseConfig:
-    attempts: int = _setting(3, _integer(1, 1000), "the try of one identity that is released")
-    min_age: float = _setting(parse_duration("15m"), _duration, "if this long after its first try")
+    # Defaults from `mx-guard simulate` (README "Why the defaults"): the second try 5 min
+    # on releases an MTA that ignores MX order, or cannot reach the primary, after one
+    # retry interval (Postfix 300 s, qmail 400 s, Gmail 6 min); bots retry within a
+    # minute or never.
+    attempts: int = _setting(2, _integer(1, 1000), "the try of one identity that is released")
+    min_age: float = _setting(parse_duration("5m"), _duration, "if this long after its first try")
     ttl: float = _setting(parse_duration("36h"), _duration, "a retry identity lives this long")
     ipv4_prefix: int = _setting(24, _integer(8, 32), "client network of an IPv4 identity")
     ipv6_prefix: int = _setting(64, _integer(16, 128), "client network of an IPv6 identity")

@@ -98,6 +98,10 @@ class TargetHealth:
     since: float | None
     detail: str
     observations: tuple[Observation, ...] = ()
+    # Down only by down_grace, and back: a probe failed that recently, but no fresh
+    # observation says down and the newest probe of each one that failed succeeded.
+    # (A target whose newest probe failed is failing now, whatever fall says.)
+    grace: bool = False
 
 
 def aggregate(
@@ -124,6 +128,8 @@ def aggregate(
             newest.last_fail,
             f"failed a probe within down_grace at {newest.node}: {newest.detail}",
             tuple(fresh),
+            grace=all(o.last_ok is not None and o.last_fail is not None
+                      and o.last_ok > o.last_fail for o in recent_fails),
         )
     ups = [o for o in fresh if o.state is State.UP]
     if ups and len(ups) >= rules.quorum:

@@ -18,6 +18,7 @@ log = logging.getLogger("guard.metrics")
 
 DECISIONS = Counter("mxguard_decisions", "Recipient decisions", ["action", "reason"])
 PROBES = Counter("mxguard_probes", "Probe results by class", ["result"])
+URGENT_PROBES = Counter("mxguard_urgent_probes", "Out-of-schedule probes a bypass asked for")
 TARGETS = Gauge("mxguard_targets", "Targets by aggregated state", ["state"])
 STORE_ERRORS = Counter("mxguard_store_errors", "Failed store calls", ["operation"])
 STORE_DEGRADED = Gauge(

@@ -9,7 +9,9 @@ dns.
 Rules, in order (SPEC section 2):
 1. trusted client (network, or authenticated)     -> accept   trusted
 2. domain not guarded / we are not a secondary    -> accept   not-secondary
-3. a higher-priority host down or recently down   -> accept   primary-down
+3. a higher-priority host down                    -> accept   primary-down
+   ... or only recently down (failed within down_grace, no node sees it down now)
+                                                  -> on_recently_down  recently-down
 4. no higher-priority host with fresh health      -> on_unknown  health-unknown
 5. a higher-priority host fully up for the client -> action   bypass
 Health is judged for the client's address family: a host with no address of that
@@ -48,6 +50,7 @@ class Reason(StrEnum):
     TRUSTED = "trusted"
     NOT_SECONDARY = "not-secondary"
     PRIMARY_DOWN = "primary-down"
+    RECENTLY_DOWN = "recently-down"  # down only by down_grace: back up, or being earned
     HEALTH_UNKNOWN = "health-unknown"
     MX_UNKNOWN = "mx-unknown"
     UNREACHABLE = "unreachable"  # no higher-priority host has an address of C's family
@@ -81,6 +84,7 @@ class HostHealth:
     state: State | None  # None: the host has no address of the client's family
     since: float | None
     targets: tuple[TargetHealth, ...]
+    grace: bool = False  # down only by down_grace (see TargetHealth.grace)
 
     def describe(self) -> str:
         if self.state is None:
@@ -164,8 +168,9 @@ def judge_host(
     states = [t.state for t in targets]
     if State.DOWN in states:
         # Any dead address: a client that picked it may legitimately have moved on to us.
-        since = max(t.since or 0.0 for t in targets if t.state is State.DOWN)
-        return HostHealth(host, State.DOWN, since, targets)
+        dead = [t for t in targets if t.state is State.DOWN]
+        since = max(t.since or 0.0 for t in dead)
+        return HostHealth(host, State.DOWN, since, targets, grace=all(t.grace for t in dead))
     if all(s is State.UP for s in states):
         since = max(t.since or 0.0 for t in targets)
         return HostHealth(host, State.UP, since, targets)
@@ -265,9 +270,16 @@ def _decide(
     detail = "; ".join(h.describe() for h in judged)
 
     down = [h for h in judged if h.state is State.DOWN]
+    hard_down = [h for h in down if not h.grace]
+    if hard_down:
+        return verdict(accept_or_flag(config), Reason.PRIMARY_DOWN, detail,
+                       primary=hard_down[0], hosts=judged)
     if down:
-        return verdict(accept_or_flag(config), Reason.PRIMARY_DOWN, detail, primary=down[0],
-                       hosts=judged)
+        # A legitimate sender may still avoid a primary that just came back (Exim's
+        # retry time, Sendmail's host status): let it in, but spam that bypasses a
+        # primary that is up again gets the header for downstream filters.
+        return verdict(accept_or_flag(config, config.policy.on_recently_down),
+                       Reason.RECENTLY_DOWN, detail, primary=down[0], hosts=judged)
     up = [h for h in judged if h.state is State.UP]
     if up:
         return verdict(config.action_for(dom), Reason.BYPASS, detail, primary=up[0], hosts=judged)

@@ -10,6 +10,12 @@ failed probe always moves ``last_fail``, whatever the state, because ``down_grac
 measured against it. Probes repeat every ``interval`` while up and every
 ``down_interval`` otherwise.
 
+A bypass verdict asks for an out-of-schedule probe of the targets it rested on
+(``request_probe``): a primary that just died is then noticed at the first mail that
+reaches us, not up to ``interval`` later, so fewer fallback senders are tempfailed.
+``UrgentProbes`` keeps that cheap: never while a probe of the target is in flight, at
+most one per ``down_interval`` per target; the caller never waits for the probe.
+
 Observations leave through the ``Publisher``, a thread that coalesces them and writes
 them to the store in one call, so a slow or dead store never stalls probing.
 """
@@ -92,9 +98,54 @@ class Hysteresis:
             self.last_probe, self.last_ok, self.last_fail, self.detail,
         )
 
-    def delay(self, interval: float, down_interval: float) -> float:
-        base = interval if self.state is State.UP else down_interval
-        return base * (1.0 + random.uniform(-JITTER, JITTER))
+    def delay(
+        self, interval: float, down_interval: float,
+        uniform: Callable[[float, float], float] = random.uniform,
+    ) -> float:
+        return next_probe_delay(self.state, interval, down_interval, uniform)
+
+
+def next_probe_delay(
+    state: State, interval: float, down_interval: float,
+    uniform: Callable[[float, float], float] = random.uniform,
+) -> float:
+    """Seconds from the end of one probe to the start of the next.
+
+    ``uniform`` draws the jitter; a seeded ``random.Random().uniform`` makes the
+    schedule reproducible (the simulator runs the prober's schedule on a virtual clock).
+    """
+    base = interval if state is State.UP else down_interval
+    return base * (1.0 + uniform(-JITTER, JITTER))
+
+
+class UrgentProbes:
+    """Which out-of-schedule probes to grant: single-flight per target, and at most one
+    per ``spacing`` seconds per target, however many bypasses ask. Not thread-safe:
+    the prober calls it under its lock."""
+
+    def __init__(self, spacing: float) -> None:
+        self._spacing = spacing
+        self._granted: dict[Target, float] = {}
+        self._in_flight: set[Target] = set()
+
+    def grant(self, target: Target, now: float) -> bool:
+        if target in self._in_flight:
+            return False  # the probe under way answers the question
+        last = self._granted.get(target)
+        if last is not None and now - last < self._spacing:
+            return False
+        self._granted[target] = now
+        return True
+
+    def started(self, target: Target) -> None:
+        self._in_flight.add(target)
+
+    def finished(self, target: Target) -> None:
+        self._in_flight.discard(target)
+
+    def forget(self, target: Target) -> None:
+        self._granted.pop(target, None)
+        self._in_flight.discard(target)
 
 
 @dataclass
@@ -133,6 +184,26 @@ class Publisher:
                 self._outbox.transitions.append(transition)
             self._cond.notify_all()
 
+    def flush(self) -> bool:
+        """Write what is waiting, in one store call; False if that failed (what was
+        taken is put back for the next try). The thread calls it; so can a caller that
+        runs on its own clock (the simulator)."""
+        with self._cond:
+            batch, self._outbox = self._outbox, _Outbox()
+        if not batch.observations and not batch.transitions:
+            return True
+        try:
+            self._store.publish(list(batch.observations.values()), list(batch.transitions))
+            self._episode.succeeded()
+            return True
+        except StoreError as e:
+            self._episode.failed(e)
+            metrics.STORE_ERRORS.labels("publish").inc()
+        except Exception:  # a bug must not end publishing for good
+            log.exception("publishing observations failed")
+        self._requeue(batch)
+        return False
+
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -141,21 +212,9 @@ class Publisher:
                 )
                 if self._stopping:
                     return
-                batch, self._outbox = self._outbox, _Outbox()
-            if not batch.observations and not batch.transitions:
-                continue
-            try:
-                self._store.publish(list(batch.observations.values()), list(batch.transitions))
-                self._episode.succeeded()
-                continue
-            except StoreError as e:
-                self._episode.failed(e)
-                metrics.STORE_ERRORS.labels("publish").inc()
-            except Exception:  # a bug must not end publishing for good
-                log.exception("publishing observations failed")
-            self._requeue(batch)
-            with self._cond:
-                self._cond.wait_for(lambda: self._stopping, timeout=self._retry_after)
+            if not self.flush():
+                with self._cond:
+                    self._cond.wait_for(lambda: self._stopping, timeout=self._retry_after)
 
     def _requeue(self, batch: _Outbox) -> None:
         with self._cond:
@@ -188,6 +247,12 @@ class Prober:
         self._clock = clock
         self._trackers: dict[Target, Hysteresis] = {}
         self._lock = threading.Lock()
+        self._urgent = UrgentProbes(config.probe.down_interval)
+        self._wakeups: dict[Target, asyncio.Event] = {}
+        # How a granted urgent probe is started: by default, wake the target's watch on
+        # the event loop; a caller that schedules probes itself (the simulator) sets
+        # its own.
+        self.wake: Callable[[list[Target]], None] = self._wake_watches
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._run, name="prober", daemon=True)
@@ -198,6 +263,34 @@ class Prober:
         with self._lock:
             observations = [t.observation() for t in self._trackers.values()]
         return [o for o in observations if o is not None]
+
+    def request_probe(self, targets: Iterable[Target]) -> list[Target]:
+        """Probe these targets now, out of schedule (a bypass rested on them being up).
+
+        Safe from any thread and never waits for the probe: the targets granted by
+        ``UrgentProbes`` are handed to ``wake``. Returns them.
+        """
+        now = self._clock()
+        with self._lock:
+            granted = [t for t in targets
+                       if t in self._trackers and self._urgent.grant(t, now)]
+        if granted:
+            metrics.URGENT_PROBES.inc(len(granted))
+            self.wake(granted)
+        return granted
+
+    def _wake_watches(self, targets: list[Target]) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed: we are stopping
+            loop.call_soon_threadsafe(self._set_wakeups, targets)
+
+    def _set_wakeups(self, targets: list[Target]) -> None:
+        for target in targets:
+            event = self._wakeups.get(target)
+            if event is not None:
+                event.set()
 
     def start(self) -> None:
         self._thread.start()
@@ -243,15 +336,18 @@ class Prober:
             tasks[target] = asyncio.create_task(self._watch(target, limit))
         for target in tasks.keys() - wanted:
             tasks.pop(target).cancel()
+            self._wakeups.pop(target, None)
             with self._lock:
                 self._trackers.pop(target, None)
+                self._urgent.forget(target)
             log.info("stopped probing %s (no longer a higher-priority MX)", target)
 
     async def probe_once(self, target: Target) -> ProbeResult:
         p = self._config.probe
         return await probe(target, p.mode, p.timeout, self._config.probe_helo)
 
-    async def _watch(self, target: Target, limit: asyncio.Semaphore) -> None:
+    def track(self, target: Target) -> Hysteresis:
+        """Start keeping state for a target, with what this node saw before a restart."""
         p = self._config.probe
         tracker = Hysteresis(target, self._config.me.node, p.rise, p.fall)
         previous = self._remembered(target)
@@ -259,20 +355,38 @@ class Prober:
             tracker.remember(previous)
         with self._lock:
             self._trackers[target] = tracker
+        return tracker
+
+    def begin(self, target: Target) -> None:
+        """A probe of the target starts: no urgent one until ``record`` takes its result."""
+        with self._lock:
+            self._urgent.started(target)
+
+    async def _watch(self, target: Target, limit: asyncio.Semaphore) -> None:
+        p = self._config.probe
+        tracker = self.track(target)
         log.info("probing %s (%s mode, every %gs, timeout %gs)", target, p.mode, p.interval,
                  p.timeout)
+        wakeup = self._wakeups[target] = asyncio.Event()
         while True:
+            self.begin(target)
             async with limit:
                 result = await self.probe_once(target)
             try:
-                self._record(tracker, result)
+                self.record(tracker, result)
             except Exception:  # never let one bad result end the watch
                 log.exception("recording a probe of %s failed", target)
-            await asyncio.sleep(tracker.delay(p.interval, p.down_interval))
+            wakeup.clear()
+            # The next probe on schedule, or at once when a bypass asks (request_probe).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wakeup.wait(), tracker.delay(p.interval,
+                                                                    p.down_interval))
 
-    def _record(self, tracker: Hysteresis, result: ProbeResult) -> None:
+    def record(self, tracker: Hysteresis, result: ProbeResult) -> None:
+        """Take one probe's result: state, metrics, the publisher, transition hooks."""
         metrics.PROBES.labels(str(result.result)).inc()
         with self._lock:
+            self._urgent.finished(tracker.target)
             transition = tracker.record(result, self._clock())
             obs = tracker.observation()
         log.debug("probe %s: %s %s (%.0f ms)", tracker.target, result.result, result.detail,

@@ -17,7 +17,7 @@ from guard import metrics
 from guard.config import Config, WitnessRole
 from guard.discovery import MxDirectory, directory_for
 from guard.evidence import EvidenceRules, bypass_try
-from guard.health import HealthSnapshot, Observation, Target
+from guard.health import HealthSnapshot, Observation, State, Target
 from guard.lookup import EvidenceLookup
 from guard.policy import Connection, Reason, Verdict, decide, with_evidence
 from guard.prober import Prober, Publisher
@@ -49,7 +49,7 @@ class Guard:
         self.prober = (
             Prober(config, self.directory.targets, self.publisher,
                    on_transition=lambda _: self.refresher.lay_own(),
-                   remembered=self._remembered)
+                   remembered=self._remembered, clock=clock)
             if probing else None
         )
         self.refresher = Refresher(
@@ -57,6 +57,7 @@ class Guard:
             self.prober.own_observations if self.prober else list,
             config.store.refresh,
             config.aggregation,
+            clock,
         )
 
     def _remembered(self, target: Target) -> Observation | None:
@@ -80,6 +81,11 @@ class Guard:
         verdict = decide(conn, domain, self.directory.get(domain), self.snapshot, config)
         if verdict.reason is not Reason.BYPASS or conn.client is None:
             return verdict
+        if self.prober is not None:
+            # Is the primary really up? Ask for a probe of what the bypass rested on now,
+            # without waiting: the next sender benefits if it just died.
+            self.prober.request_probe(t.target for h in verdict.hosts
+                                      if h.state is State.UP for t in h.targets)
         bypass = bypass_try(conn.client, conn.client_name, sender, recipient or domain,
                             self._clock(), config.release)
         return with_evidence(verdict, self.evidence.lookup(bypass, EvidenceRules.of(config)),

@@ -71,24 +71,38 @@ class WitnessRecorder:
                 break
         return batch
 
+    def flush(self) -> None:
+        """Write what is queued, and the heartbeat, now (for a caller on its own clock)."""
+        batch = []
+        while True:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        self.write(batch)
+
+    def write(self, batch: list[str]) -> None:
+        """One store call: these client networks and this witness's heartbeat."""
+        networks = list(dict.fromkeys(batch))  # one write per network, in order
+        try:
+            self._store.record_witness(self._config.me.node, networks, self._clock(),
+                                       self._config.witness.ttl)
+            self._episode.succeeded()
+            self.written += len(batch)
+            metrics.WITNESS_RECORDS.labels("written").inc(len(batch))
+        except StoreError as e:
+            self._episode.failed(e)
+            metrics.STORE_ERRORS.labels("witness").inc()
+            self._drop(len(batch))
+        except Exception:  # a bug must not end recording for good
+            log.exception("writing witness records failed")
+            self._drop(len(batch))
+
     def _run(self) -> None:
         heartbeat_due = 0.0
         while not self._stopping.is_set():
             batch = self._batch(max(0.0, min(heartbeat_due - time.monotonic(), 0.5)))
             if not batch and time.monotonic() < heartbeat_due:
                 continue
-            networks = list(dict.fromkeys(batch))  # one write per network, in order
-            try:
-                self._store.record_witness(self._config.me.node, networks, self._clock(),
-                                           self._config.witness.ttl)
-                self._episode.succeeded()
-                self.written += len(batch)
-                metrics.WITNESS_RECORDS.labels("written").inc(len(batch))
-            except StoreError as e:
-                self._episode.failed(e)
-                metrics.STORE_ERRORS.labels("witness").inc()
-                self._drop(len(batch))
-            except Exception:  # a bug must not end recording for good
-                log.exception("writing witness records failed")
-                self._drop(len(batch))
+            self.write(batch)
             heartbeat_due = time.monotonic() + self._config.witness.heartbeat

@@ -70,9 +70,14 @@ class Row:
 ROWS = [
     Row("no evidence (store fault): plain action", None, Action.TEMPFAIL, Reason.BYPASS),
     Row("first try", evidence((1, 0)), Action.TEMPFAIL, Reason.BYPASS),
-    Row("second try after 20 min: too few", evidence((2, 20)), Action.TEMPFAIL, Reason.BYPASS),
-    Row("third try after 14 min: too soon", evidence((3, 14)), Action.TEMPFAIL, Reason.BYPASS),
-    Row("third try after 15 min: released", evidence((3, 15)), Action.FLAG, Reason.RELEASED),
+    Row("second try after 4 min: too soon", evidence((2, 4)), Action.TEMPFAIL, Reason.BYPASS),
+    Row("second try after 5 min: released", evidence((2, 5)), Action.FLAG, Reason.RELEASED),
+    Row("attempts 3: second try after 20 min too few", evidence((2, 20)), Action.TEMPFAIL,
+        Reason.BYPASS, sections={"release": {"attempts": 3, "min_age": "15m"}}),
+    Row("min_age 15m: third try after 14 min too soon", evidence((3, 14)), Action.TEMPFAIL,
+        Reason.BYPASS, sections={"release": {"attempts": 3, "min_age": "15m"}}),
+    Row("min_age 15m: third try after 15 min released", evidence((3, 15)), Action.FLAG,
+        Reason.RELEASED, sections={"release": {"attempts": 3, "min_age": "15m"}}),
     Row("network identity new, pool identity ripe", evidence((1, 0), (5, 40)),
         Action.FLAG, Reason.RELEASED),
     Row("released identity stays released", evidence((40, 600)), Action.FLAG,
@@ -220,7 +225,7 @@ def test_rules_follow_the_config() -> None:
 
 
 @pytest.mark.parametrize(("sections", "message"), [
-    ({"traps": {"threshold": 3}}, "[traps] threshold (3) must be 0 (off) or more than"),
+    ({"traps": {"threshold": 2}}, "[traps] threshold (2) must be 0 (off) or more than"),
     ({"witness": {"role": "witness", "heartbeat": "60s"}},
      "[witness] heartbeat (60s) must be shorter than"),
     ({"witness": {"role": "primary"}}, "must be one of secondary, witness"),

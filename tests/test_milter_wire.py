@@ -129,7 +129,8 @@ def test_primary_down_then_back_within_down_grace(tmp_path: Path) -> None:
         run.primary.start()  # same port: the primary is back
         run.guard.wait_for_log(r"target 127\.0\.0\.1:\d+ is up", after=mark)
         assert rcpt_once(run.socket, "user@example.org").name == "continue"
-        run.guard.wait_for_log(r"action=accept reason=primary-down .*failed a probe within "
+        # Let in, with the header: the primary is up again, only recently down.
+        run.guard.wait_for_log(r"action=flag reason=recently-down .*failed a probe within "
                                r"down_grace", after=mark)
 
 

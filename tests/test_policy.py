@@ -74,10 +74,13 @@ def config(policy: dict[str, Any] | None = None, probe: dict[str, Any] | None = 
 
 
 def obs(address: str, state: State, node: str = "mx2", age: float = 1.0,
-        last_fail_ago: float | None = None, since_ago: float = 600.0) -> Observation:
+        last_fail_ago: float | None = None, since_ago: float = 600.0,
+        last_ok_ago: float | None = None) -> Observation:
+    if last_ok_ago is None and state is State.UP:
+        last_ok_ago = age
     return Observation(
         Target(address, 25), node, state, NOW - since_ago, NOW - age,
-        last_ok=NOW - age if state is State.UP else None,
+        last_ok=None if last_ok_ago is None else NOW - last_ok_ago,
         last_fail=None if last_fail_ago is None else NOW - last_fail_ago,
         detail="test",
     )
@@ -129,11 +132,24 @@ ROWS = [
     # Rule 3: primary down
     Row("primary down", Action.ACCEPT, Reason.PRIMARY_DOWN,
         observations=[obs(MX1_V4, DOWN)]),
-    Row("primary up again but failed within down_grace", Action.ACCEPT, Reason.PRIMARY_DOWN,
-        observations=[obs(MX1_V4, UP, last_fail_ago=600)]),
+    Row("primary up again but failed within down_grace: flagged", Action.FLAG,
+        Reason.RECENTLY_DOWN, observations=[obs(MX1_V4, UP, last_fail_ago=600)]),
+    Row("failing now, fall not reached yet: down", Action.ACCEPT, Reason.PRIMARY_DOWN,
+        observations=[obs(MX1_V4, UP, last_fail_ago=1, last_ok_ago=11)]),
+    Row("failed, never succeeded since (a restart): down", Action.ACCEPT,
+        Reason.PRIMARY_DOWN, observations=[obs(MX1_V4, UNKNOWN, last_fail_ago=60)]),
+    Row("recently down, on_recently_down = accept", Action.ACCEPT, Reason.RECENTLY_DOWN,
+        observations=[obs(MX1_V4, UP, last_fail_ago=600)],
+        policy={"on_recently_down": "accept"}),
+    Row("one address down, the other only recently: down", Action.ACCEPT,
+        Reason.PRIMARY_DOWN, domain="twoaddr.example",
+        observations=[obs(MX1_V4, UP, last_fail_ago=60), obs(MX1B_V4, DOWN)]),
+    Row("one node down, another recently down: down", Action.ACCEPT, Reason.PRIMARY_DOWN,
+        observations=[obs(MX1_V4, UP, node="mx3", last_fail_ago=60),
+                      obs(MX1_V4, DOWN, node="mx2")]),
     Row("primary failed longer ago than down_grace", Action.TEMPFAIL, Reason.BYPASS,
         observations=[obs(MX1_V4, UP, last_fail_ago=3600)]),
-    Row("down_grace configurable", Action.ACCEPT, Reason.PRIMARY_DOWN,
+    Row("down_grace configurable", Action.FLAG, Reason.RECENTLY_DOWN,
         observations=[obs(MX1_V4, UP, last_fail_ago=3600)], policy={"down_grace": "2h"}),
     Row("one address of two down", Action.ACCEPT, Reason.PRIMARY_DOWN,
         domain="twoaddr.example", observations=[obs(MX1_V4, UP), obs(MX1B_V4, DOWN)]),

@@ -11,7 +11,7 @@ import pytest
 
 from guard.config import Config, ProbeMode, parse_config
 from guard.health import AggregationRules, State, Target
-from guard.prober import Prober, Publisher
+from guard.prober import Prober, Publisher, UrgentProbes, next_probe_delay
 from guard.probes import ProbeClass, probe
 from guard.refresher import Refresher
 from guard.store.memory import MemoryStore
@@ -54,12 +54,12 @@ def test_silent_primary_costs_one_timeout() -> None:
         assert time.monotonic() - started < 1.0
 
 
-def fast_config(targets: int = 1, **probe: object) -> Config:
+def fast_config(targets: int = 1, stale_after: str = "5s", **probe: object) -> Config:
     return parse_config({
         "self": {"node": "mx2", "names": ["mx2.test"]},
         "probe": {"interval": "100ms", "down_interval": "100ms", "timeout": "500ms",
                   "rise": 2, "fall": 2, **probe},
-        "policy": {"stale_after": "5s"},
+        "policy": {"stale_after": stale_after},
     })
 
 
@@ -153,3 +153,52 @@ def test_a_broken_primary_never_stops_the_prober() -> None:
             assert observation.state is State.DOWN and observation.detail.startswith("error")
         finally:
             prober.stop()
+
+
+def test_next_probe_delay_follows_state_and_a_seeded_jitter() -> None:
+    import random
+
+    first = [next_probe_delay(s, 10.0, 3.0, random.Random(7).uniform)
+             for s in (State.UP, State.DOWN, State.UNKNOWN)]
+    again = [next_probe_delay(s, 10.0, 3.0, random.Random(7).uniform)
+             for s in (State.UP, State.DOWN, State.UNKNOWN)]
+    assert first == again
+    assert 9.0 <= first[0] <= 11.0
+    assert 2.7 <= first[1] <= 3.3 and 2.7 <= first[2] <= 3.3
+
+
+def test_urgent_probes_are_single_flight_and_spaced() -> None:
+    t, other = Target("192.0.2.1"), Target("192.0.2.2")
+    urgent = UrgentProbes(spacing=3.0)
+    assert urgent.grant(t, 100.0)
+    assert not urgent.grant(t, 101.0)  # within the spacing
+    assert urgent.grant(other, 101.0)  # per target
+    assert urgent.grant(t, 103.0)
+    urgent.started(t)
+    assert not urgent.grant(t, 200.0)  # a probe is under way: it answers the question
+    urgent.finished(t)
+    assert urgent.grant(t, 200.0)
+
+
+def test_a_bypass_request_probes_at_once_not_at_the_next_interval(
+        memory_store: MemoryStore) -> None:
+    """With a 30 s interval, a primary that dies is noticed when a bypass asks, within
+    a second, and only once however often it asks."""
+    config = fast_config(interval="30s", down_interval="3s", stale_after="60s")
+    mx1 = FakePrimary().start()
+    target = Target(mx1.host, mx1.port)
+    prober = Prober(config, lambda: [target], None)
+    prober.start()
+    try:
+        assert wait_for(lambda: [o.state for o in prober.own_observations()] == [State.UNKNOWN])
+        assert wait_for(lambda: bool(prober.request_probe([target])))  # the second probe
+        assert wait_for(lambda: [o.state for o in prober.own_observations()] == [State.UP])
+        mx1.stop()
+        time.sleep(3.1)  # past the spacing of the last request
+        assert prober.request_probe([target]) == [target]
+        assert prober.request_probe([target]) == []  # single flight, spaced
+        assert wait_for(lambda: prober.own_observations()[0].last_fail is not None,
+                        timeout=2.0)
+    finally:
+        prober.stop()
+        mx1.stop()

@@ -33,5 +33,5 @@ def test_restart_within_down_grace_keeps_the_primary_down(
         after.wait_for_log(r"target 127\.0\.0\.1:\d+ is up")
         # Up by its own probes, yet the failure seen before the restart still counts.
         assert rcpt(socket) == "continue"
-        after.wait_for_log(r"action=accept reason=primary-down .*failed a probe within "
+        after.wait_for_log(r"action=flag reason=recently-down .*failed a probe within "
                            r"down_grace")

@@ -199,8 +199,8 @@ def fallback_while_the_primary_is_down(mx: Secondary, primary: FakePrimary) -> r
 
 
 def primary_back_within_down_grace(mx: Secondary, primary: FakePrimary) -> None:
-    """*primary* restarted on its port is up, and mail is still accepted: it failed a
-    probe within down_grace."""
+    """*primary* restarted on its port is up, and mail is still accepted, with the
+    header: it failed a probe within down_grace (on_recently_down = "flag")."""
     guard = mx.guard
     mark = len(guard.log())
     host, port = primary.address
@@ -208,9 +208,10 @@ def primary_back_within_down_grace(mx: Secondary, primary: FakePrimary) -> None:
     guard.wait_for_log(rf"target {re.escape(host)}:{port} is up", after=mark)
     to = rcpt(FAILOVER, "back-in-grace")
     mx.queue_id(mx.send([to]))
-    delivered(mx.sink, to)
+    msg = delivered(mx.sink, to)
+    assert [h.split(";")[0] for h in msg.headers("X-MX-Guard")] == ["recently-down"]
     line = decision(guard, to, mark)
-    assert (line["action"], line["reason"]) == ("accept", "primary-down"), line[0]
+    assert (line["action"], line["reason"]) == ("flag", "recently-down"), line[0]
     assert "failed a probe within down_grace" in line["detail"], line[0]
 
 
