@@ -14,7 +14,7 @@ import platform
 import socket
 from dataclasses import dataclass
 
-# pidfd_getfd has one number on every architecture (the unified syscall table).
+# pidfd_getfd: 438 on x86-64, arm64 and every architecture of the unified syscall table.
 SYS_PIDFD_GETFD = 438
 
 _libc = ctypes.CDLL(None, use_errno=True)
