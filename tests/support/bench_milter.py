@@ -13,6 +13,7 @@ counted on the Redis guard from the server's own command counters.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import threading
 import time
@@ -117,51 +118,48 @@ def round_trips(counter: RoundTrips, address: str, session: Session, n: int = 20
 def run(work: Path, sockets: Path) -> dict[str, Any]:
     script = work / "noop_same_callbacks.py"
     script.write_text(NOOP_MILTER)
-    with FakePrimary() as mx1, RedisServer() as redis:
+    with contextlib.ExitStack() as stack:
+        mx1 = stack.enter_context(FakePrimary())
+        redis = stack.enter_context(RedisServer())
         domain = [GuardedDomain("flagged.example", mx1.address, action="flag"),
                   GuardedDomain("down.example", ("127.0.0.1", free_port()), action="flag")]
-        noop = MilterProcess(script, f"unix:{sockets}/noop-direct.sock").start()
-        guards = {
-            "memory": GuardProcess(guard_config(f"unix:{sockets}/guard-mem.sock", domain),
-                                   work, "guard-direct-memory").start(),
-            "redis": GuardProcess(guard_config(f"unix:{sockets}/guard-redis.sock", domain,
-                                               store=redis.url), work,
-                                  "guard-direct-redis").start(),
-        }
+        stack.enter_context(MilterProcess(script, f"unix:{sockets}/noop-direct.sock"))
+        guards = {}
+        for name, sock, store in (("memory", "guard-mem", "memory://"),
+                                  ("redis", "guard-redis", redis.url)):
+            guard = GuardProcess(guard_config(f"unix:{sockets}/{sock}.sock", domain,
+                                              store=store), work, f"guard-direct-{name}")
+            stack.callback(guard.stop)
+            guards[name] = guard.start()
+        for g in guards.values():
+            g.wait_for_log(r"target 127\.0\.0\.1:\d+ is up")
+            g.wait_for_log(r"target 127\.0\.0\.1:\d+ is down")
+            g.wait_for_log(r"milter listening")
+        wait_until(lambda: Path(f"{sockets}/guard-redis.sock").exists()
+                   and Path(f"{sockets}/guard-mem.sock").exists(), 10)
+        setups = [
+            Setup("noop", f"{sockets}/noop-direct.sock", BYPASS),
+            Setup("guard memory bypass", f"{sockets}/guard-mem.sock", BYPASS),
+            Setup("guard memory trusted", f"{sockets}/guard-mem.sock", TRUSTED),
+            Setup("guard redis bypass", f"{sockets}/guard-redis.sock", BYPASS),
+            Setup("guard redis trusted", f"{sockets}/guard-redis.sock", TRUSTED),
+        ]
+        rates: dict[str, dict[int, list[float]]] = {
+            s.name: {c: [] for c in CLIENTS} for s in setups}
+        for r in range(ROUNDS):
+            order = setups[r % len(setups):] + setups[:r % len(setups)]
+            for clients in CLIENTS:
+                for s in order:
+                    rates[s.name][clients].append(
+                        sessions_per_second(s.socket, s.session, clients, SECONDS))
+        counter = RoundTrips(redis)
         try:
-            for g in guards.values():
-                g.wait_for_log(r"target 127\.0\.0\.1:\d+ is up")
-                g.wait_for_log(r"target 127\.0\.0\.1:\d+ is down")
-                g.wait_for_log(r"milter listening")
-            wait_until(lambda: Path(f"{sockets}/guard-redis.sock").exists()
-                       and Path(f"{sockets}/guard-mem.sock").exists(), 10)
-            setups = [
-                Setup("noop", f"{sockets}/noop-direct.sock", BYPASS),
-                Setup("guard memory bypass", f"{sockets}/guard-mem.sock", BYPASS),
-                Setup("guard memory trusted", f"{sockets}/guard-mem.sock", TRUSTED),
-                Setup("guard redis bypass", f"{sockets}/guard-redis.sock", BYPASS),
-                Setup("guard redis trusted", f"{sockets}/guard-redis.sock", TRUSTED),
-            ]
-            rates: dict[str, dict[int, list[float]]] = {
-                s.name: {c: [] for c in CLIENTS} for s in setups}
-            for r in range(ROUNDS):
-                order = setups[r % len(setups):] + setups[:r % len(setups)]
-                for clients in CLIENTS:
-                    for s in order:
-                        rates[s.name][clients].append(
-                            sessions_per_second(s.socket, s.session, clients, SECONDS))
-            counter = RoundTrips(redis)
-            try:
-                trips = {name: round_trips(counter, f"{sockets}/guard-redis.sock", session)
-                         for name, session in (("bypass", BYPASS), ("trusted", TRUSTED),
-                                               ("unguarded", UNGUARDED),
-                                               ("primary-down", PRIMARY_DOWN))}
-            finally:
-                counter.close()
+            trips = {name: round_trips(counter, f"{sockets}/guard-redis.sock", session)
+                     for name, session in (("bypass", BYPASS), ("trusted", TRUSTED),
+                                           ("unguarded", UNGUARDED),
+                                           ("primary-down", PRIMARY_DOWN))}
         finally:
-            for g in guards.values():
-                g.stop()
-            noop.stop()
+            counter.close()
     medians = {name: {c: statistics.median(v) for c, v in by.items()}
                for name, by in rates.items()}
     return {"sessions_per_s": medians, "samples": rates, "redis_round_trips": trips}

@@ -16,6 +16,7 @@ TCP), the same sequential session, p50 per message. Rounds rotate the order.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import statistics
 import subprocess
@@ -112,15 +113,18 @@ class SmtpSinkProcess:
             self.proc.wait(10)
 
 
-def _guards(work: Path, sockets: Path, domain: GuardedDomain) -> dict[str, tuple[GuardSocket,
-                                                                                  GuardProcess]]:
+def _guards(stack: contextlib.ExitStack, work: Path, sockets: Path,
+            domain: GuardedDomain) -> dict[str, tuple[GuardSocket, GuardProcess]]:
+    """The guard on a Unix and on a TCP socket, each stopped when ``stack`` closes."""
     out = {}
     for name, sock in (("unix", GuardSocket.unix(sockets, "guard-mta")),
                        ("inet", GuardSocket.inet())):
         # No trusted network: smtp-source connects from 127.0.0.1, and every message
         # must take the bypass path.
         text = guard_config(sock.guard, [domain], trusted_networks=())
-        out[name] = (sock, GuardProcess(text, work, f"guard-mta-{name}").start())
+        guard = GuardProcess(text, work, f"guard-mta-{name}").start()
+        stack.callback(guard.stop)
+        out[name] = (sock, guard)
     for sock, guard in out.values():
         guard.wait_for_log(r"target 127\.0\.0\.1:\d+ is up")
         wait_until(sock.accepts, 15, message=f"guard on {sock.guard}")
@@ -131,33 +135,30 @@ def run(work: Path, sockets: Path) -> dict[str, Any]:
     script = work / "noop_plain.py"
     script.write_text(NOOP_MILTER)
     results: dict[str, Any] = {}
-    with FakePrimary() as mx1, SmtpSinkProcess() as sink:
+    with contextlib.ExitStack() as stack:
+        mx1 = stack.enter_context(FakePrimary())
+        sink = stack.enter_context(SmtpSinkProcess())
         domain = GuardedDomain("flagged.example", mx1.address, action="flag")
-        noop = MilterProcess(script, f"unix:{sockets}/noop-mta.sock").start()
-        guards = _guards(work, sockets, domain)
-        try:
-            milters = {"none": "", "noop": f"unix:{sockets}/noop-mta.sock",
-                       "guard-unix": guards["unix"][0].postfix,
-                       "guard-inet": guards["inet"][0].postfix}
-            with PostfixMTA(relay_domains=["flagged.example"],
-                            next_hop=("127.0.0.1", sink.port),
-                            mynetworks=["127.0.0.1/32"],
-                            listeners={n: {"smtpd_milters": m} for n, m in milters.items()},
-                            workdir=work / "postfix") as mta:
-                listeners = {n: mta.listener(n) for n in milters}
-                seq = _sequential(listeners)
-                results["postfix_sequential"] = {
-                    n: {"p50_ms": p(v, 0.5) * 1000, "p95_ms": p(v, 0.95) * 1000}
-                    for n, v in seq.items()}
-                tput = _throughput(listeners)
-                results["postfix_msgs_per_s"] = {
-                    s: {n: statistics.median(v) for n, v in by.items()}
-                    for s, by in tput.items()}
-            results["sendmail_sequential"] = _sendmail(work, guards, sink.port)
-        finally:
-            for _, g in guards.values():
-                g.stop()
-            noop.stop()
+        stack.enter_context(MilterProcess(script, f"unix:{sockets}/noop-mta.sock"))
+        guards = _guards(stack, work, sockets, domain)
+        milters = {"none": "", "noop": f"unix:{sockets}/noop-mta.sock",
+                   "guard-unix": guards["unix"][0].postfix,
+                   "guard-inet": guards["inet"][0].postfix}
+        with PostfixMTA(relay_domains=["flagged.example"],
+                        next_hop=("127.0.0.1", sink.port),
+                        mynetworks=["127.0.0.1/32"],
+                        listeners={n: {"smtpd_milters": m} for n, m in milters.items()},
+                        workdir=work / "postfix") as mta:
+            listeners = {n: mta.listener(n) for n in milters}
+            seq = _sequential(listeners)
+            results["postfix_sequential"] = {
+                n: {"p50_ms": p(v, 0.5) * 1000, "p95_ms": p(v, 0.95) * 1000}
+                for n, v in seq.items()}
+            tput = _throughput(listeners)
+            results["postfix_msgs_per_s"] = {
+                s: {n: statistics.median(v) for n, v in by.items()}
+                for s, by in tput.items()}
+        results["sendmail_sequential"] = _sendmail(work, guards, sink.port)
     return results
 
 
