@@ -1,5 +1,6 @@
 # MX Guard. `make run` starts the guard on conf/guard.toml (memory store);
-# `make test` installs what the tests need and runs them.
+# `make test` installs what the tests need and runs them; `make unit` runs the
+# tests that need neither root nor apt.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -7,13 +8,17 @@ BIN    := $(VENV)/bin
 CONFIG ?= conf/guard.toml
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench deps test-deps clean
+.PHONY: run test unit lint bench deps test-deps clean
 
 run: $(BIN)/.installed
 	$(BIN)/mx-guard run -c $(CONFIG)
 
 test: test-deps $(BIN)/.installed-test
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The tests that need no root, no test packages and no servers: seconds, anywhere.
+unit: $(BIN)/.installed-test
+	$(BIN)/pytest -m unit $(PYTEST_ARGS)
 
 lint: $(BIN)/.installed-test
 	$(BIN)/ruff check guard tests

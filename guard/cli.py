@@ -7,18 +7,27 @@ from __future__ import annotations
 
 import argparse
 import logging
-import logging.handlers
-import queue
 import signal
 import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
 
 from guard import __version__, traplist
 from guard.config import Config, ConfigError, config_path, load_config
+from guard.control import (
+    ControlError,
+    ControlUnavailable,
+    ask,
+    control_socket_path,
+    control_socket_path_of_file,
+)
 from guard.discovery import MxDirectory, directory_for
 from guard.evidence import Evidence, EvidenceRules, bypass_try, verified_name
+from guard.live import render_prober, traps_of
+from guard.logsetup import Logs
 from guard.policy import (
     Connection,
     Reason,
@@ -28,6 +37,7 @@ from guard.policy import (
     recipient_domain,
     with_evidence,
 )
+from guard.reload import block_reload_signal
 from guard.simulate.cli import add_arguments as simulate_arguments
 from guard.simulate.cli import run as cmd_simulate
 from guard.status import (
@@ -60,43 +70,6 @@ def block_stop_signals() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
 
-LOG_QUEUE_MAX = 10000  # records waiting for the writer before new ones are dropped
-
-
-class DroppingQueueHandler(logging.handlers.QueueHandler):
-    """Hands records to a writer thread; drops them when it falls behind.
-
-    A milter callback that logs must never wait on a slow log sink (a stalled
-    journald would block every callback): losing a log line beats holding mail.
-    """
-
-    def __init__(self, queue: queue.Queue[logging.LogRecord]) -> None:
-        super().__init__(queue)
-        self.dropped = 0
-
-    def enqueue(self, record: logging.LogRecord) -> None:
-        try:
-            self.queue.put_nowait(record)
-        except queue.Full:
-            self.dropped += 1
-
-
-def _setup_logging(level: str, background: bool) -> logging.handlers.QueueListener | None:
-    """Log to stderr; for the long-running commands, from a writer thread."""
-    writer = logging.StreamHandler(sys.stderr)
-    writer.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.setLevel(getattr(logging, level.upper()))
-    if not background:
-        root.addHandler(writer)
-        return None
-    records: queue.Queue[logging.LogRecord] = queue.Queue(LOG_QUEUE_MAX)
-    root.addHandler(DroppingQueueHandler(records))
-    listener = logging.handlers.QueueListener(records, writer)
-    listener.start()
-    return listener
-
-
 def _load(args: argparse.Namespace) -> Config:
     return load_config(config_path(args.config))
 
@@ -113,15 +86,27 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     # libmilter is loaded only by the commands that need it.
+    from guard.control import ControlServer
+    from guard.live import commands_for
     from guard.milter import serve
+    from guard.reload import Reloader
     from guard.service import Guard
 
     config = _load(args)
+    args.logs.apply(config.log)
     guard = Guard(config)
     guard.start()
+    reloader = Reloader(guard, args.logs)
+    commands = commands_for(guard)
+    reloader.register(commands)
+    control = ControlServer(control_socket_path(config), commands, config.control.timeout)
+    control.start()
+    reloader.start_signal_thread()
     try:
         serve(guard)
     finally:
+        reloader.stop()
+        control.stop()
         guard.stop()
     return EXIT_OK
 
@@ -130,6 +115,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from guard.service import Guard
 
     config = _load(args)
+    args.logs.apply(config.log)
     if config.store.url.startswith("memory://"):
         log.warning("mx-guard probe with the memory:// store shares its observations "
                     "with nobody; set [store] url to a Redis URL")
@@ -144,15 +130,24 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _current_view(config: Config) -> tuple[MxDirectory, HealthView]:
+def _ask_guard(config: Config, command: str, request: dict[str, Any]) -> tuple[Any, str]:
+    """The running guard's answer, or None and why there is none."""
+    try:
+        return ask(control_socket_path(config), command, request), ""
+    except ControlUnavailable as e:
+        return None, f"no running guard answers on {e}"
+
+
+def _current_view(config: Config, why_not_live: str) -> tuple[MxDirectory, HealthView]:
     """MX sets looked up now, and health as the store (or a probe now) has it."""
     directory = directory_for(config)
     directory.refresh_due()
     store = open_store(config)
     try:
-        return directory, gather_health(config, store, directory)
+        view = gather_health(config, store, directory)
     finally:
         store.close()
+    return directory, replace(view, source=f"{why_not_live}, so: {view.source}")
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -166,7 +161,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if domain is None:
         print(f"mx-guard explain: --rcpt {args.rcpt!r} has no domain", file=sys.stderr)
         return EXIT_BAD_INPUT
-    directory, view = _current_view(config)
+    live, why_not = _ask_guard(config, "explain", {
+        "client": str(client), "rcpt": args.rcpt, "from": args.sender, "helo": args.helo,
+        "authenticated": args.authenticated, "client_name": args.client_name})
+    if live is not None:
+        if args.json:
+            sys.stdout.write(to_json({**live["verdict"], "from": args.sender}))
+        else:
+            sys.stdout.write(f"client:  {client}\nfrom:    <{args.sender}>\n{live['text']}")
+        return EXIT_OK
+    directory, view = _current_view(config, why_not)
     conn = Connection(client, time.time(), args.helo, args.authenticated,
                       verified_name(args.client_name, None))
     verdict = decide(conn, domain, directory.get(domain), view.snapshot, config)
@@ -214,14 +218,19 @@ def _shared_store(config: Config, what: str) -> Store | None:
 
 def cmd_traps(args: argparse.Namespace) -> int:
     config = _load(args)
-    store = _shared_store(config, "traps")
-    if store is None:
-        return EXIT_BAD_INPUT
     now = time.time()
-    try:
-        traps = [t for t in store.traps(now, config.traps.ttl) if t.count >= args.min]
-    finally:
-        store.close()
+    live, why_not = _ask_guard(config, "traps", {})
+    if live is not None:
+        traps = [t for t in traps_of(live) if t.count >= args.min]
+    else:
+        print(f"mx-guard traps: {why_not}; reading the store", file=sys.stderr)
+        store = _shared_store(config, "traps")
+        if store is None:
+            return EXIT_BAD_INPUT
+        try:
+            traps = [t for t in store.traps(now, config.traps.ttl) if t.count >= args.min]
+        finally:
+            store.close()
     header = (f"mx-guard traps, {iso_time(now)}: {len(traps)} client(s) with at least "
               f"{args.min} bypass(es) within {config.traps.ttl:g}s")
     if args.json or args.format == "json":
@@ -237,9 +246,39 @@ def cmd_traps(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     config = _load(args)
-    directory, view = _current_view(config)
+    data, why_not = _ask_guard(config, "status", {})
+    if data is not None:
+        text = render_status(data) + render_prober(data["prober"], data["time"])
+        sys.stdout.write(to_json(data) if args.json else text)
+        return EXIT_OK
+    directory, view = _current_view(config, why_not)
     data = status_data(config, directory, view)
     sys.stdout.write(to_json(data) if args.json else render_status(data))
+    return EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    path = control_socket_path_of_file(config_path(args.config))
+    if path is None:  # not even TOML: no socket to find, and the guard would refuse it
+        try:
+            _load(args)
+        except ConfigError as e:
+            print(f"mx-guard reload: refused, the running guard was not asked: {e}",
+                  file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        outcome = ask(path, "reload", {}, timeout=30)
+    except ControlUnavailable as e:
+        print(f"mx-guard reload: no running guard answers on {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not outcome["applied"]:
+        print(f"mx-guard reload: refused, the running config stays: {outcome['error']}",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    changed = ", ".join(outcome["changed"]) or "nothing"
+    print(f"{outcome['path']}: reloaded, changed {changed}")
+    if outcome["kept"]:
+        print(f"kept until a restart: {', '.join(outcome['kept'])}")
     return EXIT_OK
 
 
@@ -260,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("run", parents=[common], help="run the milter, prober and refresher")
     sub.add_parser("probe", parents=[common], help="run the prober only")
     sub.add_parser("check-config", parents=[common], help="validate the config file")
+    sub.add_parser("reload", parents=[common], help="make the running guard re-read its "
+                   "config file (as SIGUSR1 does)")
     p = sub.add_parser("status", parents=[common], help="domains, MX tiers and health")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("explain", parents=[common], help="the verdict for a client and "
@@ -292,6 +333,7 @@ COMMANDS = {
     "explain": cmd_explain,
     "status": cmd_status,
     "traps": cmd_traps,
+    "reload": cmd_reload,
     "simulate": cmd_simulate,
 }
 
@@ -300,7 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         block_stop_signals()  # before the log writer thread starts
-    listener = _setup_logging(args.log_level, background=args.command in ("run", "probe"))
+        block_reload_signal()
+    args.logs = Logs(args.log_level, background=args.command in ("run", "probe"))
     try:
         return COMMANDS[args.command](args)
     except ConfigError as e:
@@ -309,9 +352,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoreError as e:
         print(f"mx-guard: store: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except ControlError as e:
+        print(f"mx-guard: the running guard refused: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     finally:
-        if listener is not None:
-            listener.stop()  # writes out what is still queued
+        args.logs.stop()  # writes out what is still queued
 
 
 if __name__ == "__main__":

@@ -48,6 +48,11 @@ class Action(StrEnum):
     DRY_RUN = "dry-run"
 
 
+class LogTarget(StrEnum):
+    STDERR = "stderr"  # journald, or whatever the service manager does with stderr
+    SYSLOG = "syslog"  # a syslog socket, for hosts that read /var/log/mail.log
+
+
 class ProbeMode(StrEnum):
     TCP = "tcp"
     BANNER = "banner"
@@ -250,6 +255,33 @@ def _header_name(value: Any) -> str:
     return text
 
 
+# The facilities syslog(3) knows, as SysLogHandler.facility_names spells them.
+SYSLOG_FACILITIES = (
+    "auth", "authpriv", "cron", "daemon", "ftp", "kern", "lpr", "mail", "news", "syslog",
+    "user", "uucp", "local0", "local1", "local2", "local3", "local4", "local5", "local6",
+    "local7",
+)
+
+
+def _facility(value: Any) -> str:
+    text = _string(value)
+    if text not in SYSLOG_FACILITIES:
+        raise ValueError(f"must be a syslog facility ({', '.join(SYSLOG_FACILITIES)}); "
+                         f"got {text!r}")
+    return text
+
+
+def _socket_path(empty_ok: bool) -> Parser:
+    def parse(value: Any) -> str:
+        text = _string(value)
+        if (text or not empty_ok) and not text.startswith("/"):
+            raise ValueError(f"must be an absolute path{' or empty' if empty_ok else ''}, "
+                             f"got {text!r}")
+        return text
+
+    return parse
+
+
 def _setting(default: Any, parse: Parser, doc: str = "") -> Any:
     """A config key: its default (the only one), how to read it, what it means."""
     if callable(default):
@@ -386,6 +418,20 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    target: LogTarget = _setting(LogTarget.STDERR, _choice(LogTarget))
+    facility: str = _setting("mail", _facility, "syslog facility")
+    syslog_socket: str = _setting("/dev/log", _socket_path(empty_ok=False))
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    socket: str = _setting("", _socket_path(empty_ok=True),
+                           "Unix socket path; empty: NAME.control.sock beside NAME.sock")
+    timeout: float = _setting(1.0, _duration, "a client's time to send and read")
+
+
+@dataclass(frozen=True)
 class DomainConfig:
     name: str
     mx: tuple[MxHost, ...] | None  # None: discover with DNS
@@ -408,6 +454,8 @@ class Config:
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
     witness: WitnessConfig = field(default_factory=WitnessConfig)
     traps: TrapsConfig = field(default_factory=TrapsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
     domains: tuple[DomainConfig, ...] = ()
     path: str = "<defaults>"
 
@@ -448,6 +496,8 @@ _SECTIONS: dict[str, tuple[str, type]] = {
     "release": ("release", ReleaseConfig),
     "witness": ("witness", WitnessConfig),
     "traps": ("traps", TrapsConfig),
+    "log": ("log", LogConfig),
+    "control": ("control", ControlConfig),
 }
 
 

@@ -191,8 +191,37 @@ class MxDirectory:
             else:
                 assert d.mx is not None
                 self._sets[d.name] = MxSet(d.name, d.mx, MxSource.CONFIG)
+        # Held by lookups and by reconfigure(), never by get() or targets().
+        self._changing = threading.Lock()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="discovery", daemon=True)
+
+    def reconfigure(self, config: Config) -> None:
+        """Apply a reloaded config. Domains whose entry and resolver settings are
+        unchanged keep their MX set and lookup schedule; a changed or new domain from
+        DNS is looked up on the next pass (keeping the last good set meanwhile); a
+        removed domain is forgotten. Each table is replaced whole, so readers on other
+        threads see the old one or the new one."""
+        with self._changing:
+            old, me = self._config, config.me.identity
+            same_dns = old.dns == config.dns and me == self._me
+            sets: dict[str, MxSet] = {}
+            next_try: dict[str, float] = {}
+            for d in config.domains:
+                if not _needs_dns(d, me.is_me):
+                    assert d.mx is not None
+                    sets[d.name] = MxSet(d.name, d.mx, MxSource.CONFIG)
+                    continue
+                before = old.domain(d.name)
+                if before is not None and before.mx == d.mx and d.name in self._sets:
+                    sets[d.name] = self._sets[d.name]  # last good, while looked up again
+                unchanged = before == d and same_dns and d.name in self._next_try
+                next_try[d.name] = self._next_try[d.name] if unchanged else 0.0
+            if next_try and (self._resolver is None or old.dns != config.dns):
+                self._resolver = MxResolver(config.dns)
+            self._config, self._me = config, me
+            self._sets, self._next_try = sets, next_try
+            self._failing = {k: v for k, v in self._failing.items() if k in next_try}
 
     def get(self, domain: str) -> MxSet | None:
         return self._sets.get(domain)
@@ -207,6 +236,10 @@ class MxDirectory:
 
     def refresh_due(self) -> None:
         """Look up every domain whose MX set expired or was never found."""
+        with self._changing:
+            self._refresh_due()
+
+    def _refresh_due(self) -> None:
         if self._resolver is None:
             return
         now = self._clock()

@@ -25,9 +25,10 @@ class FaultEpisode:
                 self._since = time.monotonic()
                 self._log.warning("%s failing: %s; carrying on without it", self._what, error)
 
-    def succeeded(self) -> None:
+    def succeeded(self, summary: str = "") -> None:
+        """The fault ended; ``summary`` (", 12 lines lost") ends the log line."""
         with self._lock:
             if self._since is not None:
                 lasted = time.monotonic() - self._since
                 self._since = None
-                self._log.warning("%s recovered after %.1fs", self._what, lasted)
+                self._log.warning("%s recovered after %.1fs%s", self._what, lasted, summary)

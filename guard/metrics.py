@@ -42,6 +42,10 @@ CALLBACK_FAILURES = Counter(
     "mxguard_callback_failures", "Callbacks that raised and let the mail through", ["callback"]
 )
 
+LOG_DROPPED = Counter(
+    "mxguard_log_dropped", "Log lines lost: the writer fell behind or the sink refused them"
+)
+
 
 def count_targets(healths: Iterable[TargetHealth]) -> None:
     counts = dict.fromkeys(State, 0)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import random
 import threading
@@ -264,6 +265,20 @@ class Prober:
             observations = [t.observation() for t in self._trackers.values()]
         return [o for o in observations if o is not None]
 
+    def reconfigure(self, config: Config) -> None:
+        """Use a reloaded config from the next probe on; every target keeps its state,
+        counts and times (probing is not restarted). ``probe.concurrency`` and
+        ``self.node`` stay as they were started."""
+        with self._lock:
+            self._config = config
+            for tracker in self._trackers.values():
+                tracker.rise, tracker.fall = config.probe.rise, config.probe.fall
+
+    def hysteresis(self) -> list[Hysteresis]:
+        """A copy of every target's state machine (for the control socket)."""
+        with self._lock:
+            return [dataclasses.replace(t) for t in self._trackers.values()]
+
     def request_probe(self, targets: Iterable[Target]) -> list[Target]:
         """Probe these targets now, out of schedule (a bypass rested on them being up).
 
@@ -377,6 +392,7 @@ class Prober:
             except Exception:  # never let one bad result end the watch
                 log.exception("recording a probe of %s failed", target)
             wakeup.clear()
+            p = self._config.probe  # a reload applies from the next probe on
             # The next probe on schedule, or at once when a bypass asks (request_probe).
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wakeup.wait(), tracker.delay(p.interval,

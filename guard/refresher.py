@@ -73,6 +73,12 @@ class Refresher:
         metrics.count_targets(snapshot.health(t, now, self._rules) for t in snapshot.observations)
         return snapshot
 
+    def reconfigure(self, interval: float, rules: AggregationRules) -> None:
+        """A reloaded config: the snapshot and the store's copy are kept as they are."""
+        self._interval = interval
+        self._rules = rules
+        self._stale_after = rules.stale_after
+
     @property
     def shared(self) -> HealthSnapshot:
         """The last snapshot read from the store, stale observations included."""

@@ -41,6 +41,11 @@ class WitnessRecorder:
         self.written = 0
         self.dropped = 0
 
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded config: ttl, heartbeat and the network prefixes apply from the next
+        record on; the queue keeps the size it was started with."""
+        self._config = config
+
     def saw(self, client: IPAddress) -> None:
         """Note a connecting client; never blocks (a full queue drops the record)."""
         try:

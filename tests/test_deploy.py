@@ -55,7 +55,7 @@ from tests.support.demo import (
 from tests.support.fakeprimary import FakePrimary
 from tests.support.guardproc import ROOT, GuardProcess, guard_toml
 from tests.support.milterclient import AddHeader, MilterClient
-from tests.support.postfix import check_postfix_tools
+from tests.support.postfix import MASTER_CF_DIST, check_postfix_tools
 from tests.support.redis_server import RedisServer, redis_server_available
 from tests.support.sendmail import M4, SendmailMTA, sendmail_paths
 from tests.support.smtp import HarnessError, send
@@ -198,6 +198,8 @@ def test_unit_has_the_promised_hardening() -> None:
         assert s.get(key) == [value], f"{key}: {s.get(key)}, want {value!r}"
     assert "@system-service" in s["SystemCallFilter"]
     assert s["ExecStart"][0].endswith(" run -c /etc/mx-guard/guard.toml")
+    binary = s["ExecStart"][0].split()[0]
+    assert s["ExecReload"] == [f"{binary} reload -c /etc/mx-guard/guard.toml"]
     stop = s["TimeoutStopSec"][0]
     assert stop.endswith("s") and int(stop[:-1]) > 5, "libmilter takes up to 5 s to stop"
 
@@ -343,6 +345,7 @@ def test_socket_reachable_by_group_postfix_only(site: Site) -> None:
     assert _connects_as("nobody", site.socket_path) == "PermissionError"
 
 
+@pytest.mark.mta
 def test_postfix_snippet_reaches_the_guard_from_a_chrooted_smtpd(site: Site) -> None:
     need_harness(check_postfix_tools)
     with SmtpSink() as sink:
@@ -372,6 +375,7 @@ def test_postfix_snippet_reaches_the_guard_from_a_chrooted_smtpd(site: Site) -> 
             assert str(postfix.queue_dir) in roots, roots
 
 
+@pytest.mark.mta
 def test_postfix_snippet_passes_postconf(tmp_path: Path) -> None:
     postconf = need("postconf", "postfix (tests/support/install-mtas.sh)")
     text = POSTFIX_MAIN.read_text()
@@ -386,7 +390,7 @@ def test_postfix_snippet_passes_postconf(tmp_path: Path) -> None:
         assert r.returncode == 0 and not r.stderr, r.stderr
         return dict(line.split(" = ", 1) for line in r.stdout.splitlines())
 
-    write_old(tmp_path / "master.cf", Path("/etc/postfix/master.cf").read_text())
+    write_old(tmp_path / "master.cf", Path(MASTER_CF_DIST).read_text())
     got = postconf_n(text)
     assert {k: got.get(k) for k in want} == want
     assert got.keys() - want.keys() == {"config_directory"}
@@ -402,6 +406,7 @@ def test_postfix_snippet_passes_postconf(tmp_path: Path) -> None:
     assert milters.startswith("{ unix:/mx-guard/guard.sock, default_action=accept,"), milters
 
 
+@pytest.mark.mta
 def test_postfix_master_snippet_needs_nothing_or_parses(tmp_path: Path) -> None:
     postconf = need("postconf", "postfix (tests/support/install-mtas.sh)")
     text = POSTFIX_MASTER.read_text()
@@ -411,7 +416,7 @@ def test_postfix_master_snippet_needs_nothing_or_parses(tmp_path: Path) -> None:
     alternative = re.findall(r"^#((?:smtp +inet .*)|(?:  -o .*))$", text, re.M)
     assert len(alternative) == 2, alternative
     master = re.sub(r"^smtp +inet .*$", "\n".join(alternative),
-                    Path("/etc/postfix/master.cf").read_text(), count=1, flags=re.M)
+                    Path(MASTER_CF_DIST).read_text(), count=1, flags=re.M)
     write_old(tmp_path / "master.cf", master)
     write_old(tmp_path / "main.cf", "")
     r = run(postconf, "-c", tmp_path, "-P", "smtp/inet/smtpd_milters")
@@ -421,6 +426,7 @@ def test_postfix_master_snippet_needs_nothing_or_parses(tmp_path: Path) -> None:
 
 # -- Sendmail -----------------------------------------------------------------------
 
+@pytest.mark.mta
 def test_sendmail_mc_builds_with_m4(tmp_path: Path) -> None:
     need_harness(sendmail_paths)
     _, cf_dir = sendmail_paths()
@@ -445,6 +451,7 @@ def test_sendmail_mc_builds_with_m4(tmp_path: Path) -> None:
     assert not [line for line in cf if line.startswith("X") and "F=" in line]
 
 
+@pytest.mark.mta
 def test_sendmail_mc_consults_the_guard_and_survives_its_death(tmp_path: Path) -> None:
     need_root()
     need_harness(sendmail_paths)
@@ -513,6 +520,7 @@ def an_observation(state: State = State.UP) -> Observation:
                        last_fail=None if state is State.UP else now, detail="220 hi")
 
 
+@pytest.mark.redis
 def test_acl_file_refuses_to_load_until_passwords_are_set() -> None:
     need_redis()
     server = RedisServer(unix_socket=False, extra_config=(f"aclfile {ACL_FILE}",))

@@ -54,8 +54,7 @@ SPAMMER = "203.0.113.7"
 BYPASS_451 = "451 4.7.1 Please deliver mail for example.org to its primary MX"
 CONTINUE = "continue"
 FAULT_SECONDS = 2.5  # how long each fault lasts
-STALE_AFTER_LINE = 'stale_after = "10s"'  # as guard_toml writes it
-FAULT_STALE_AFTER_LINE = 'stale_after = "1.5s"'  # the least the config allows
+FAULT_STALE_AFTER = "1.5s"  # the least the config allows
 MAX_GAP = 0.5  # seconds: the longest pause allowed between two answers of one guard
 TRAFFIC_PAUSE = 0.02  # seconds between two transactions of one traffic thread
 
@@ -245,9 +244,9 @@ def start_nodes(tmp: Path, store_url: str, live_primary: FakePrimary,
              ("down", "mx3", dead_port, 'on_unknown = "tempfail"', CONTINUE, "primary-down")]
     for kind, node, port, extra, want, reason in specs:
         socket = f"unix:{tmp}/{kind}.sock"
-        config = guard_toml(socket, port, extra, node=node, store=store_url)
-        guard = GuardProcess(config.replace(STALE_AFTER_LINE, FAULT_STALE_AFTER_LINE), tmp,
-                             kind)
+        config = guard_toml(socket, port, extra, node=node, store=store_url,
+                            stale_after=FAULT_STALE_AFTER)
+        guard = GuardProcess(config, tmp, kind)
         nodes.append(Node(node, guard.start(), socket, Target("127.0.0.1", port), want,
                           reason, Traffic(kind, socket)))
     for n, state in zip(nodes, ("up", "down"), strict=True):
@@ -588,9 +587,11 @@ def test_two_nodes_one_redis_see_different_things(redis_server: RedisServer,
         views = {o.node: o for o in store.observations() if o.target == target}
         assert views["mxa"].state is State.UP and views["mxb"].state is State.DOWN, views
 
-        # 7: status, from A's config, shows both nodes' observations and the history.
+        # 7: status, from A's config, asks A (its control socket) and shows both nodes'
+        # observations, from A's snapshot of the store, and the history.
         data = json.loads(status(a.config, "--json"))
-        assert data["node"] == "mxa" and data["health_source"].startswith("store unix://")
+        assert data["node"] == "mxa" and data["store"].startswith("unix://")
+        assert data["health_source"].startswith("the running guard (node mxa, pid ")
         assert {d["name"] for d in data["domains"]} == {"example.org", "flagged.example"}
         [dom] = [d for d in data["domains"] if d["name"] == "example.org"]
         assert dom["known"] and dom["self_preference"] == 20 and dom["action"] == "tempfail"

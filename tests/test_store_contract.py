@@ -58,7 +58,14 @@ def transition(i: int = 0, target: Target = T4, node: str = "mx2") -> Transition
 
 @dataclass
 class Kit:
-    """Makes stores of one kind; ``peer`` is another handle on the same shared state."""
+    """Makes stores of one kind, and says where else their state is seen from.
+
+    A Redis store is shared: another node opens its own connection to the same server
+    (``other_node``). ``memory://`` is one process on one host: nothing else opens it,
+    and two MemoryStore objects share nothing (a test below holds it to that). Its
+    only "elsewhere" is another thread of the same guard (the prober writes while the
+    refresher reads), which goes through the same object; ``elsewhere`` says so.
+    """
 
     kind: str
     server: RedisServer | None
@@ -75,18 +82,23 @@ class Kit:
         self.made_with[id(store)] = (ttl, history_max)
         return store
 
-    def peer(self, store: Store) -> Store:
-        if self.server is None:
-            return store  # the memory store is one host: other threads share the object
+    def other_node(self, store: Store) -> Store:
+        """Another node's handle on the same shared state (Redis only)."""
+        assert self.server is not None, "memory:// has no other nodes"
         # Same server, prefix, TTL and bound: what another node would open.
         return self.new(*self.made_with[id(store)])
+
+    def elsewhere(self, store: Store) -> Store:
+        """Where another writer or reader of ``store``'s state comes from: another
+        node for Redis; for memory://, another thread using the same object."""
+        return store if self.server is None else self.other_node(store)
 
     def close(self) -> None:
         for store in self.stores:
             store.close()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
 def kit(request: pytest.FixtureRequest) -> Iterator[Kit]:
     server = request.getfixturevalue("redis_server") if request.param == "redis" else None
     made = Kit(request.param, server)
@@ -106,7 +118,7 @@ def test_round_trip_keeps_every_field(kit: Kit) -> None:
     unknown = Observation(T6, "mx3 b", State.UNKNOWN, since=now, observed_at=now)
     store = kit.new()
     store.publish([up, down, unknown], [])
-    assert set(kit.peer(store).observations()) == {up, down, unknown}
+    assert set(kit.elsewhere(store).observations()) == {up, down, unknown}
     assert unknown.last_ok is None and unknown.last_fail is None
 
 
@@ -116,12 +128,12 @@ def test_newest_observation_per_target_and_node_wins(kit: Kit) -> None:
     newer = observation(state=State.DOWN, at=time.time())
     store.publish([older], [])
     store.publish([newer], [])
-    assert kit.peer(store).observations() == [newer]
+    assert kit.elsewhere(store).observations() == [newer]
 
 
 def test_observations_of_two_nodes_are_both_kept(kit: Kit) -> None:
     mx2 = kit.new()
-    mx3 = kit.peer(mx2)
+    mx3 = kit.elsewhere(mx2)
     a = observation(node="mx2", state=State.UP)
     b = observation(node="mx3", state=State.DOWN)
     mx2.publish([a], [])
@@ -132,7 +144,7 @@ def test_observations_of_two_nodes_are_both_kept(kit: Kit) -> None:
 
 def test_observations_expire_one_by_one(kit: Kit) -> None:
     mx2 = kit.new(ttl=1.0)
-    mx3 = kit.peer(mx2)
+    mx3 = kit.elsewhere(mx2)
     a = observation(node="mx2")
     mx2.publish([a], [])
     time.sleep(0.6)
@@ -150,21 +162,25 @@ def test_history_is_bounded_and_oldest_first(kit: Kit) -> None:
     changes = [transition(i, T6 if i % 3 else T4) for i in range(50)]
     for start in range(0, 50, 7):
         store.publish([], changes[start : start + 7])
-    reader = kit.peer(store)
+    reader = kit.elsewhere(store)
     assert reader.history(100) == changes[-20:]
     assert reader.history(5) == changes[-5:]
+    assert reader.history(0) == []
+    assert reader.history(-1) == []
 
 
 def test_wait_for_change_times_out_without_a_transition(kit: Kit) -> None:
     waiter = kit.new()
-    writer = kit.peer(waiter)
-    started = time.monotonic()
+    writer = kit.elsewhere(waiter)
     assert waiter.wait_for_change(0.3) is False
-    assert 0.29 <= time.monotonic() - started < 0.5
     writer.publish([observation()], [])  # observations alone are no change notice
-    started = time.monotonic()
     assert waiter.wait_for_change(0.3) is False
-    assert 0.29 <= time.monotonic() - started < 0.5
+    # The same waiter does see a transition: the False above meant "no notice".
+    waiter.wait_for_change(0.3)  # a Redis store subscribes on its first wait
+    join = wait_in_thread(waiter, 5.0)
+    time.sleep(0.2)
+    writer.publish([], [transition()])
+    assert join()[0] is True
 
 
 def wait_in_thread(store: Store, timeout: float) -> Callable[[], tuple[bool, float]]:
@@ -189,7 +205,7 @@ def wait_in_thread(store: Store, timeout: float) -> Callable[[], tuple[bool, flo
 
 def test_wait_for_change_wakes_on_a_transition_from_elsewhere(kit: Kit) -> None:
     waiter = kit.new()
-    writer = kit.peer(waiter)
+    writer = kit.elsewhere(waiter)
     waiter.wait_for_change(0.3)  # a Redis store subscribes on its first wait
     join = wait_in_thread(waiter, 5.0)
     time.sleep(0.2)
@@ -197,6 +213,16 @@ def test_wait_for_change_wakes_on_a_transition_from_elsewhere(kit: Kit) -> None:
     changed, waited = join()
     assert changed is True
     assert waited < 1.0
+
+
+def test_memory_stores_share_nothing() -> None:
+    """memory:// is one process: a second store (another guard, the CLI) sees nothing
+    of the first; only the control socket shows a running guard's memory."""
+    first = MemoryStore(observation_ttl=60.0)
+    first.publish([observation()], [transition()])
+    second = MemoryStore(observation_ttl=60.0)
+    assert second.observations() == [] and second.history(10) == []
+    assert first.observations() and first.history(10)
 
 
 # -- Redis: key layout ----------------------------------------------------------------------

@@ -79,7 +79,7 @@ class MemoryStore:
 
     def history(self, limit: int = 50) -> list[Transition]:
         if limit <= 0:
-            return []
+            return []  # as Redis: [-0:] would be everything
         with self._changed:
             return list(self._history)[-limit:]
 

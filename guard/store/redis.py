@@ -52,7 +52,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote
 
 import redis
 from redis.backoff import NoBackoff
@@ -101,9 +101,30 @@ T = TypeVar("T")
 _QUERY_PASSWORD = re.compile(r"([?&][a-z_]*password=)[^&#]*")
 
 
+_URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<netloc>[^/?#]*)"
+                  r"(?P<path>[^?#]*)(?:\?(?P<query>[^#]*))?")
+
+
+@dataclass(frozen=True)
+class _UrlParts:
+    scheme: str
+    netloc: str
+    path: str
+    query: str
+
+
+def _split(url: str) -> _UrlParts:
+    """urlsplit() without its netloc checks: a Sentinel URL lists several hosts, IPv6
+    ones in brackets, which newer Pythons' urlsplit refuses ("Invalid IPv6 URL")."""
+    m = _URL.match(url)
+    if m is None:
+        return _UrlParts("", "", "", "")
+    return _UrlParts(m["scheme"].lower(), m["netloc"], m["path"], m["query"] or "")
+
+
 def mask_password(url: str) -> str:
     """``url`` with any password replaced by ``***``, safe to log."""
-    netloc = urlsplit(url).netloc
+    netloc = _split(url).netloc
     if "@" in netloc:
         userinfo, _, hosts = netloc.rpartition("@")
         user, colon, _ = userinfo.partition(":")
@@ -115,7 +136,7 @@ def mask_password(url: str) -> str:
 
 def _check_query(url: str, allowed: Iterable[str], tls: bool) -> None:
     known = set(allowed)
-    for key, _ in parse_qsl(urlsplit(url).query, keep_blank_values=True):
+    for key, _ in parse_qsl(_split(url).query, keep_blank_values=True):
         if key.startswith("ssl_") and tls:
             continue
         if key not in known:
@@ -157,7 +178,7 @@ class SentinelUrl:
 
     @classmethod
     def parse(cls, url: str) -> SentinelUrl:
-        parts = urlsplit(url)
+        parts = _split(url)
         if parts.scheme != "redis+sentinel":
             raise ValueError(f"not a redis+sentinel:// url: {mask_password(url)}")
         username = password = None

@@ -7,8 +7,12 @@ X-Test-Milter header at end of message carrying the macros it saw
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import smtplib
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,10 +20,13 @@ from pathlib import Path
 import pytest
 
 from tests.support.fakeprimary import FakePrimary
-from tests.support.postfix import PostfixMTA
+from tests.support.guardproc import ROOT
+from tests.support.postfix import PostfixMTA, check_postfix_tools
 from tests.support.sendmail import SendmailMTA
 from tests.support.smtp import MilterProcess, send
 from tests.support.smtpserver import ReceivedMessage, SmtpSink, free_port
+
+from .scenarios import require_harness
 
 # the factory fixtures of conftest.py
 PostfixFactory = Callable[..., PostfixMTA]
@@ -198,3 +205,50 @@ def test_fake_primary_mx_start_stop(fake_primary_mx: FakeMXFactory) -> None:
     with smtplib.SMTP("127.0.0.1", port, local_hostname="c.test.example", timeout=5) as c:
         assert c.ehlo()[0] == 250
     assert len(mx.connections) == 2
+
+
+CUSTOMISED_MASTER_CHILD = r'''
+import sys
+from pathlib import Path
+
+from tests.support.postfix import PostfixMTA
+from tests.support.smtp import send
+from tests.support.smtpserver import SmtpSink
+
+marker = sys.argv[1]
+assert marker in Path("/etc/postfix/master.cf").read_text(), "the bind mount did not apply"
+with SmtpSink() as sink, PostfixMTA(None, next_hop=(sink.host, sink.port)) as pf:
+    assert marker not in (pf.config_dir / "master.cf").read_text()
+    r = send(pf.host, pf.port, "someone@sender.example", ["good@example.com"],
+             source="127.0.0.2")
+    assert r.code("good@example.com") == 250, r
+    sink.wait_for_message("good@example.com", timeout=20)
+print("relayed")
+'''
+
+
+def test_postfix_harness_ignores_a_customised_system_master_cf(tmp_path: Path) -> None:
+    """A real MX has its own master.cf (here: smtp inet commented out, as on a host that
+    listens through postscreen); the harness must not inherit it.  The custom file is
+    bind-mounted over /etc/postfix/master.cf in a private mount namespace only."""
+    require_harness(check_postfix_tools)
+    system = Path("/etc/postfix/master.cf")
+    before = system.read_bytes()
+    marker = "# customised by the harness test"
+    custom = tmp_path / "master.cf"
+    lines = [("#" + line if re.match(r"smtp\s+inet\s", line) else line)
+             for line in before.decode().splitlines(keepends=True)]
+    custom.write_text(marker + "\n" + "".join(lines)
+                      + "2525 inet n - y - - smtpd\n")  # a listener the harness must drop
+    script = tmp_path / "child.py"
+    script.write_text(CUSTOMISED_MASTER_CHILD)
+    unshare = shutil.which("unshare")
+    assert unshare, "unshare (util-linux) is needed: sh tests/support/install-test-deps.sh"
+    r = subprocess.run(
+        [unshare, "--mount", "--propagation", "private", "/bin/sh", "-c",
+         'mount --bind "$1" /etc/postfix/master.cf && exec "$2" "$3" "$4"', "sh",
+         str(custom), sys.executable, str(script), marker],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "relayed" in r.stdout, r.stdout + r.stderr
+    assert system.read_bytes() == before  # the host's file was never touched

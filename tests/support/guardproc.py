@@ -83,7 +83,8 @@ class GuardProcess:
 
 
 def guard_toml(socket: str, primary_port: int, extra: str = "", node: str = "mx2",
-               store: str = "memory://", primary: str = "127.0.0.1") -> str:
+               store: str = "memory://", primary: str = "127.0.0.1",
+               stale_after: str = "10s") -> str:
     """A config guarding example.org (tempfail) and flagged.example (flag), whose
     primary mx1 is ``primary``:``primary_port``; fast probes so tests run quickly.
     Clients from 127.0.0.1 are trusted; tests send from other loopback addresses."""
@@ -108,7 +109,7 @@ rise = 2
 fall = 2
 [policy]
 trusted_networks = ["127.0.0.1/32", "::1/128"]
-stale_after = "10s"
+stale_after = "{stale_after}"
 {extra}
 [[domain]]
 name = "example.org"

@@ -5,8 +5,9 @@
 set -eu
 
 # systemd brings systemd-analyze, -sysusers and -tmpfiles for the deploy/ checks;
-# nftables and rbldnsd load what `mx-guard traps` exports.
-packages="redis-server miltertest openssl systemd nftables rbldnsd"
+# nftables and rbldnsd load what `mx-guard traps` exports; groff-base renders the
+# man pages (groff -man -ww -z).
+packages="redis-server miltertest openssl systemd nftables rbldnsd groff-base"
 missing=""
 for p in $packages; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
@@ -23,6 +24,27 @@ if [ -n "$missing" ]; then
 fi
 
 here=$(dirname "$0")
+
+# promtool checks and unit-tests deploy/prometheus/alerts.yml. Debian ships it in the
+# prometheus package, whose install would also start a Prometheus server: only the
+# package is downloaded, and promtool alone unpacked into <repo>/.mta/prometheus.
+root=$(cd "$here/../.." && pwd)
+tools=${MXGUARD_MTA_DIR:-$root/.mta}/prometheus
+if ! command -v promtool >/dev/null 2>&1 && [ ! -x "$tools/usr/bin/promtool" ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "the tests need promtool (Debian package prometheus): run this as root" >&2
+        exit 1
+    fi
+    tmp=$(mktemp -d)
+    (cd "$tmp" && apt-get download -q -o APT::Sandbox::User=root prometheus) || {
+        apt-get update -qq
+        (cd "$tmp" && apt-get download -q -o APT::Sandbox::User=root prometheus)
+    }
+    mkdir -p "$tools"
+    dpkg-deb --fsys-tarfile "$tmp"/prometheus_*.deb | tar -x -C "$tools" ./usr/bin/promtool
+    rm -rf "$tmp"
+    "$tools/usr/bin/promtool" --version >/dev/null
+fi
 if [ -f "$here/install-mtas.sh" ]; then
     sh "$here/install-mtas.sh"
 fi

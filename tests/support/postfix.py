@@ -5,8 +5,11 @@
         send(pf.host, pf.port, ...)
 
 Everything lives in one temporary directory (config_directory with main.cf and
-master.cf, queue_directory, data_directory, maillog_file): the system's
-/etc/postfix is only read (meta_directory: postfix-files, dynamicmaps.cf).
+master.cf, queue_directory, data_directory, maillog_file).  master.cf is built
+from Postfix's shipped default (MASTER_CF_DIST), never from the host's
+/etc/postfix/master.cf, which a real mail host has customised (a commented-out
+``smtp inet`` line there would leave the instance listening nowhere); /etc/postfix
+is only read for the package's own meta files (postfix-files, dynamicmaps.cf).
 chroot is off for every service.  The master process runs in a private mount
 namespace whose /etc/resolv.conf points at 127.0.0.1 and whose nsswitch.conf
 says "hosts: files", so nothing in the instance can query a real DNS server.
@@ -31,7 +34,8 @@ POSTFIX = "/usr/sbin/postfix"
 POSTCONF = "/usr/sbin/postconf"
 POSTQUEUE = "/usr/sbin/postqueue"
 SASLPASSWD2 = "/usr/sbin/saslpasswd2"
-SYSTEM_MASTER_CF = "/etc/postfix/master.cf"
+# The package's pristine master.cf (Debian: postfix ships it read-only in /usr/share).
+MASTER_CF_DIST = "/usr/share/postfix/master.cf.dist"
 
 # Macros the guard needs.  Postfix does not send {client_addr} by default;
 # {auth_authen} is sent at MAIL FROM and the queue id "i" only at end of message.
@@ -51,8 +55,8 @@ def check_postfix_tools() -> None:
     for tool in (POSTFIX, POSTCONF, "/usr/lib/postfix/sbin/master", "/usr/lib/postfix/sbin/smtpd",
                  "/usr/lib/postfix/sbin/postlogd"):
         require_tool(tool, "Postfix")
-    if not os.path.exists(SYSTEM_MASTER_CF):
-        raise HarnessError(f"{SYSTEM_MASTER_CF} missing: Postfix is not installed properly; "
+    if not os.path.exists(MASTER_CF_DIST):
+        raise HarnessError(f"{MASTER_CF_DIST} missing: Postfix is not installed properly; "
                            "run `sh tests/support/install-mtas.sh` as root")
 
 
@@ -212,11 +216,11 @@ class PostfixMTA(PrivateMTA):
         return f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
 
     def _write_master_cf(self) -> None:
-        """The system master.cf with chroot off, smtp inet on our address, and one more
+        """Postfix's shipped master.cf with chroot off, smtp inet on our address, and one more
         smtpd line per extra listener."""
         listen = self._listen_address(self.port)
         out = []
-        with open(SYSTEM_MASTER_CF) as f:
+        with open(MASTER_CF_DIST) as f:
             for line in f:
                 if not line.strip() or line[0] in "# \t":
                     out.append(line)
