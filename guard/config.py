@@ -474,7 +474,7 @@ class Config:
     def action_for(self, domain: DomainConfig) -> Action:
         return domain.action or self.policy.action
 
-    @property
+    @functools.cached_property  # the instance dict, so a frozen dataclass allows it
     def aggregation(self) -> AggregationRules:
         return AggregationRules(self.policy.down_grace, self.policy.stale_after,
                                 self.probe.quorum)

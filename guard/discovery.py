@@ -27,7 +27,6 @@ from guard.mxset import (
     MxHost,
     MxSet,
     MxSource,
-    higher_priority_hosts,
     normalize_address,
     normalize_host,
     self_preference,
@@ -231,7 +230,7 @@ class MxDirectory:
         """Every target of every higher-priority host of every known MX set."""
         out: set[Target] = set()
         for mxset in list(self._sets.values()):
-            for host in higher_priority_hosts(mxset, self._me):
+            for host in mxset.rank(self._me).higher:
                 out.update(host.targets())
         return out
 

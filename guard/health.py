@@ -151,6 +151,24 @@ def aggregate(
 _NO_OBSERVATIONS: tuple[Observation, ...] = ()
 
 
+def _unchanged_around(
+    observations: Iterable[Observation], now: float, rules: AggregationRules
+) -> tuple[float, float]:
+    """The stretch (after, until] around ``now`` in which ``aggregate`` gives the same
+    answer: it reads ``now`` only to compare it with these moments."""
+    after, until = float("-inf"), float("inf")
+    for o in observations:
+        moments = [o.observed_at + rules.stale_after]
+        if o.last_fail is not None:
+            moments.append(o.last_fail + rules.down_grace)
+        for m in moments:
+            if m < now:
+                after = max(after, m)
+            else:
+                until = min(until, m)
+    return after, until
+
+
 @dataclass(frozen=True)
 class HealthSnapshot:
     """An immutable view of every known observation, swapped whole by the refresher.
@@ -164,6 +182,9 @@ class HealthSnapshot:
     )
     taken_at: float = 0.0
     source: str = "empty"
+    # (health, valid after, valid until) per target and rules; see health().
+    _healths: dict[tuple[Target, AggregationRules], tuple[TargetHealth, float, float]] = field(
+        default_factory=dict, init=False, compare=False, hash=False, repr=False)
 
     @classmethod
     def build(
@@ -188,4 +209,15 @@ class HealthSnapshot:
         return self.observations.get(target, _NO_OBSERVATIONS)
 
     def health(self, target: Target, now: float, rules: AggregationRules) -> TargetHealth:
-        return aggregate(target, self.of(target), now, rules)
+        # A snapshot never changes, so a target's health is constant between the moments
+        # an observation goes stale or a failure leaves down_grace: aggregate once per
+        # such stretch, not once per recipient.
+        key = (target, rules)
+        hit = self._healths.get(key)
+        if hit is not None and hit[1] < now <= hit[2]:
+            return hit[0]
+        observations = self.of(target)
+        health = aggregate(target, observations, now, rules)
+        after, until = _unchanged_around(observations, now, rules)
+        self._healths[key] = (health, after, until)
+        return health

@@ -33,7 +33,12 @@ def printable(value: str | bytes | None, limit: int = MAX_LOGGED) -> str:
     if isinstance(value, bytes):
         value = value.decode("utf-8", "surrogateescape")
     head = value[:limit]
-    out = "".join(_escape_char(c) for c in head)
+    # Nearly everything a client sends is plain printable ASCII: three C-speed checks
+    # let it through as is; anything else is escaped character by character.
+    if head.isascii() and head.isprintable() and "\\" not in head:
+        out = head
+    else:
+        out = "".join(_escape_char(c) for c in head)
     if len(value) > limit:
         out += f"...(+{len(value) - limit} chars)"
     return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from guard.health import Target
@@ -45,13 +45,20 @@ class MxHost:
     addresses: tuple[str, ...] = ()
     port: int = SMTP_PORT
 
+    # Targets per family, filled on first use (decide() asks on every RCPT).
+    _targets: dict[int | None, tuple[Target, ...]] = field(
+        default_factory=dict, init=False, compare=False, hash=False, repr=False)
+
     def targets(self, family: int | None = None) -> tuple[Target, ...]:
         """The host's targets, optionally only those of IP version ``family`` (4 or 6)."""
-        return tuple(
-            Target(a, self.port)
-            for a in self.addresses
-            if family is None or ip_version(a) == family
-        )
+        found = self._targets.get(family)
+        if found is None:
+            found = self._targets[family] = tuple(
+                Target(a, self.port)
+                for a in self.addresses
+                if family is None or ip_version(a) == family
+            )
+        return found
 
 
 class MxSource(StrEnum):
@@ -69,8 +76,29 @@ class MxSet:
     fetched_at: float = 0.0
     expires_at: float = float("inf")
 
+    # Rank per identity, filled on first use: an MxSet never changes, so the arithmetic
+    # is done once per set (a refresh makes a new set), not once per RCPT.
+    _ranks: dict[SelfIdentity, Rank] = field(
+        default_factory=dict, init=False, compare=False, hash=False, repr=False)
+
     def sorted_hosts(self) -> tuple[MxHost, ...]:
         return tuple(sorted(self.hosts, key=lambda h: (h.preference, h.host)))
+
+    def rank(self, me: SelfIdentity) -> Rank:
+        """Where ``me`` stands in this set, computed once."""
+        found = self._ranks.get(me)
+        if found is None:  # two threads may both compute it: same value, no harm
+            found = self._ranks[me] = Rank(self_preference(self, me),
+                                           higher_priority_hosts(self, me))
+        return found
+
+
+@dataclass(frozen=True)
+class Rank:
+    """This host's place in one MX set."""
+
+    preference: int | None  # our best preference; None when we are not in the set
+    higher: tuple[MxHost, ...]  # hosts a compliant client must have tried before us
 
 
 @dataclass(frozen=True)

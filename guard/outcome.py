@@ -12,9 +12,12 @@ line; the header names the verdict that explains the message best.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from prometheus_client import Counter
 
 from guard import metrics
 from guard.config import Action, PolicyConfig, SmtpReply
@@ -71,10 +74,15 @@ class Envelope:
     sender: str
 
 
+@functools.cache  # one child per (action, reason): a label lookup costs a lock and a hash
+def _decision_count(action: Action, reason: Reason) -> Counter:
+    return metrics.DECISIONS.labels(str(action), str(reason))
+
+
 def log_decision(queue_id: str, envelope: Envelope, recipient: str, verdict: Verdict,
                  note: str = "") -> None:
     """One line and one count per recipient decision."""
-    metrics.DECISIONS.labels(str(verdict.action), str(verdict.reason)).inc()
+    _decision_count(verdict.action, verdict.reason).inc()
     log.info(
         "%s: conn=%s client=%s helo=%s from=<%s> rcpt=<%s> domain=%s action=%s "
         "reason=%s%s detail=%s",

@@ -40,9 +40,7 @@ from guard.mxset import (
     MxHost,
     MxSet,
     MxSource,
-    higher_priority_hosts,
     normalize_host,
-    self_preference,
 )
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -256,10 +254,10 @@ def _decide(
                        "MX set not known yet")
     if mxset.source is MxSource.NULL:
         return verdict(Action.ACCEPT, Reason.NOT_SECONDARY, "domain has a null MX")
-    me = config.me.identity
-    if self_preference(mxset, me) is None:
+    rank = mxset.rank(config.me.identity)
+    if rank.preference is None:
         return verdict(Action.ACCEPT, Reason.NOT_SECONDARY, "this host is not in the MX set")
-    higher = higher_priority_hosts(mxset, me)
+    higher = rank.higher
     if not higher:
         return verdict(Action.ACCEPT, Reason.NOT_SECONDARY, "this host is a primary MX")
     if conn.client is None:

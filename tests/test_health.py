@@ -139,3 +139,19 @@ def test_a_restart_remembers_a_failure_within_down_grace() -> None:
     assert observation is not None and observation.state is UP
     assert observation.last_fail == NOW - 300
     assert aggregate(T, [observation], NOW, RULES).state is DOWN
+
+
+def test_snapshot_health_remembered_between_changes_equals_aggregating_anew() -> None:
+    # Observations whose freshness and down_grace end at different moments; the
+    # snapshot's remembered answer must match a fresh aggregate at every instant,
+    # walking forwards and backwards across each of those moments.
+    t = Target("192.0.2.1", 25)
+    rules = AggregationRules(down_grace=30.0, stale_after=10.0)
+    obs = [Observation(t, "a", State.UP, 0.0, 100.0, 100.0, 80.0, "ok"),
+           Observation(t, "b", State.DOWN, 95.0, 104.0, None, 104.0, "refused"),
+           Observation(t, "c", State.UP, 50.0, 112.0, 112.0, None, "ok")]
+    snapshot = HealthSnapshot.build(obs, 112.0, "test")
+    moments = [100.0, 110.0, 114.0, 122.0, 134.0]
+    instants = sorted({m + d for m in moments for d in (-0.5, 0.0, 0.5)} | {0.0, 200.0})
+    for now in instants + instants[::-1]:
+        assert snapshot.health(t, now, rules) == aggregate(t, snapshot.of(t), now, rules), now

@@ -27,3 +27,11 @@ def test_long_values_are_cut_and_say_so() -> None:
     out = printable("x" * 65536)
     assert out.startswith("x" * 200) and out.endswith("...(+65336 chars)")
     assert len(out) < 250
+
+
+def test_the_plain_ascii_fast_path_escapes_exactly_like_the_slow_one() -> None:
+    from guard.logsafe import _escape_char
+
+    for code in range(128):
+        ch = chr(code)
+        assert printable(f"a{ch}b") == f"a{_escape_char(ch)}b", repr(ch)

@@ -81,7 +81,13 @@ def test_negotiates_no_reply_skips_and_only_the_macros_used(running: Running) ->
         n = c.negotiate()
     assert all(n.no_reply(step) for step in ("connect", "helo", "mail", "header"))
     assert not n.no_reply("rcpt")
-    assert all(n.skips(step) for step in ("data", "eoh", "body"))
+    # Over TCP DATA is answered: the answer acknowledges the DATA macros at once, so the
+    # MTA's next write does not wait 40 ms behind Nagle. A Unix socket skips the step.
+    if running.socket.startswith("inet:"):
+        assert not n.no_reply("data") and not n.skips("data")
+    else:
+        assert n.skips("data")
+    assert all(n.skips(step) for step in ("eoh", "body"))
     assert n.macros == {"connect": ("{client_addr}", "{client_name}", "{client_resolve}"),
                         "mail": ("{auth_authen}",), "rcpt": ("i",), "eom": ("i",)}
 

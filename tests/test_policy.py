@@ -278,3 +278,17 @@ def test_policy_module_is_pure() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=False)
     assert done.returncode == 0, f"guard.policy pulled in: {done.stdout}{done.stderr}"
+
+
+def test_the_rank_in_an_mx_set_is_computed_once_per_set() -> None:
+    from guard.mxset import MxHost, MxSet, SelfIdentity
+
+    me = SelfIdentity.of(["mx2.example.org"], [])
+    mxset = MxSet("example.org", (MxHost("mx3.example.org", 30), MxHost("mx2.example.org", 20),
+                                  MxHost("mx1.example.org", 10), MxHost("mx1b.example.org", 20)))
+    rank = mxset.rank(me)
+    assert rank.preference == 20
+    assert [h.host for h in rank.higher] == ["mx1.example.org"]  # equal preference: not higher
+    assert mxset.rank(me) is rank
+    assert mxset == MxSet("example.org", mxset.hosts)  # the cache is not part of the value
+    assert MxSet("x", (MxHost("mx1.x", 10),)).rank(me).preference is None

@@ -257,3 +257,29 @@ def a_flagged_message_keeps_only_the_guards_header(mx: Secondary) -> None:
     mx.queue_id(mx.send([to], message_with(to, forged)))
     [header] = delivered(mx.sink, to).headers("X-MX-Guard")
     assert re.fullmatch(flag_header(FLAGGED, UNTRUSTED), header), header
+
+
+def inet_milter_sockets_have_nodelay(mx: Secondary) -> None:
+    """The guard's TCP milter socket, and the connection the MTA opened to it for an
+    SMTP session, both have TCP_NODELAY: no 40 ms Nagle stall per message."""
+    import tomllib
+
+    from tests.support.smtp import smtp_session, wait_until
+    from tests.support.sockopts import tcp_sockets
+
+    spec = tomllib.loads(mx.guard.config.read_text())["milter"]["socket"]
+    kind, _, where = spec.partition(":")
+    assert kind == "inet", spec
+    port = int(where.partition("@")[0])
+    assert mx.guard.proc is not None
+    pid = mx.guard.proc.pid
+    client = smtp_session(*mx.address, source=UNTRUSTED)  # the MTA connects to the milter
+    try:
+        accepted = wait_until(
+            lambda: [s for s in tcp_sockets(pid, port) if not s.listening], 10,
+            message="the MTA's connection to the guard")
+        listening = [s for s in tcp_sockets(pid, port) if s.listening]
+    finally:
+        client.quit()
+    assert listening and all(s.nodelay for s in listening), listening
+    assert all(s.nodelay for s in accepted), accepted

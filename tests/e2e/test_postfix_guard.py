@@ -433,3 +433,7 @@ def test_two_secondaries_share_health_through_redis(tmp_path: Path) -> None:
                              after=mark_a)
         wait_until(lambda: observations(guard_status(guard_a), SHARED) ==
                    {"mx2a": "down", "mx2b": "down"}, 10, 0.2, "both observations down")
+
+
+def test_inet_milter_socket_has_tcp_nodelay(site: Site) -> None:
+    scenarios.inet_milter_sockets_have_nodelay(site.via("inet"))

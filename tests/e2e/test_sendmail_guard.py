@@ -163,3 +163,7 @@ def test_crashed_guard_lets_mail_through(site: Site) -> None:
     path = str(site.crash_sendmail.milter).removeprefix("local:")
     site.crash_sendmail.wait_for_log(rf"Milter \({MILTER_NAME}\): error connecting to filter: "
                                      rf"Connection refused by {re.escape(path)}")
+
+
+def test_inet_milter_socket_has_tcp_nodelay(site: Site) -> None:
+    scenarios.inet_milter_sockets_have_nodelay(site.via("inet"))

@@ -1,156 +1,131 @@
-"""``make bench``: what the guard costs a real Postfix, as ratios measured in one run.
+"""``make bench``: what the guard costs, as ratios against baselines measured in one run.
 
-One private Postfix relays mail for a guarded domain (action flag, primary up, so
-every message is decided and gets the header) to a sink. The same SMTP transaction
-(EHLO, MAIL, RCPT, DATA, QUIT from an untrusted loopback address) is timed with:
-  none   no milter at all
-  noop   a no-op pymilter milter (libmilter's own cost, the floor for any milter)
-  guard  mx-guard run
-switching ``smtpd_milters`` between rounds and rotating the order, so machine noise
-spreads over all three. Both milters listen on Unix sockets. Reported: medians and
-95th percentiles per message, and the ratios guard/noop and guard/none; plus the
-decision function alone, against a dict lookup measured in the same process.
-Machines here are shared and noisy: read the ratios, not the milliseconds.
+Sections (each module's header says how it measures):
+  milter   direct milter protocol, sessions/s at 1, 8 and 32 clients: the guard (memory
+           and Redis store, bypass and trusted paths) against a no-op pymilter milter
+           with the same callbacks; store round trips per session (bench_milter.py)
+  mta      Postfix per message (sequential p50) and messages/s with smtp-source at 1
+           and 20 sessions, for no milter, a no-op milter, the guard on a Unix and on a
+           TCP socket; Sendmail with the guard on a Unix and a TCP socket (bench_mta.py)
+  core     decide() with 100 and 10,000 domains, a probe cycle of 2,000 targets, start
+           time and memory with 10,000 domains (bench_core.py)
+``python -m tests.support.bench [SECTION...]`` runs some; the table goes to stdout and
+every number to bench.json (or $BENCH_JSON). Medians throughout; the machines here are
+shared and noisy, so read the ratios, which compare numbers taken side by side.
+Needs root (private Postfix and Sendmail) and the test dependencies (make test-deps).
 """
 
 from __future__ import annotations
 
-import grp
+import json
 import os
+import platform
 import shutil
-import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from guard.config import parse_config
-from guard.health import HealthSnapshot, Observation, State, Target
-from guard.mxset import MxSet
-from guard.policy import Connection, client_address, decide
-from tests.support.fakeprimary import FakePrimary
-from tests.support.guardproc import GuardProcess, guard_toml
-from tests.support.postfix import PostfixMTA
-from tests.support.smtp import MilterProcess, make_socket_dir, send
-from tests.support.smtpserver import SmtpSink
+from tests.support import bench_core, bench_milter, bench_mta
+from tests.support.smtp import guard_socket_dir
 
-ROUNDS = 6
-PER_ROUND = 25
-CLIENT = "127.0.0.2"  # untrusted: the guard decides every message
-
-NOOP_MILTER = """
-import sys, Milter
-class Noop(Milter.Base):
-    pass
-Milter.factory = Noop
-Milter.runmilter("noop", sys.argv[1], 10)
-"""
+SECTIONS = {"milter": bench_milter.run, "mta": bench_mta.run, "core": bench_core.run}
 
 
-def shareable_socket_dir() -> Path:
-    """A setgid directory of group postfix: sockets made in it are Postfix's to use."""
-    d = make_socket_dir()
-    os.chown(d, 0, grp.getgrnam("postfix").gr_gid)
-    os.chmod(d, 0o2770)
-    return d
-
-
-def mta_bench(work: Path) -> dict[str, list[float]]:
-    sockets = shareable_socket_dir()
+def machine() -> str:
+    model = "unknown CPU"
     try:
-        with SmtpSink() as sink, FakePrimary() as mx1:
-            guard_sock = sockets / "guard.sock"
-            noop_sock = sockets / "noop.sock"
-            script = work / "noop.py"
-            script.write_text(NOOP_MILTER)
-            noop = MilterProcess(script, f"unix:{noop_sock}").start()
-            guard = GuardProcess(guard_toml(f"unix:{guard_sock}", mx1.port), work).start()
-            try:
-                guard.wait_for_log(r"target 127\.0\.0\.1:\d+ is up")
-                milters = {"none": "", "noop": f"unix:{noop_sock}",
-                           "guard": f"unix:{guard_sock}"}
-                with PostfixMTA(relay_domains=["flagged.example"],
-                                next_hop=("127.0.0.1", sink.port),
-                                workdir=work / "postfix") as mta:
-                    return _rounds(mta, milters)
-            finally:
-                guard.stop()
-                noop.stop()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores, {model}, Linux {platform.release()}, " \
+           f"Python {platform.python_version()}"
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b else "-"
+
+
+def table(r: dict[str, Any]) -> str:
+    out = [f"mx-guard bench, {r['date']}, {r['machine']}"]
+    if "milter" in r:
+        m = r["milter"]["sessions_per_s"]
+        noop = m["noop"]
+        clients = list(noop)
+        out += ["", "Direct milter protocol, whole sessions/s (ratio to the no-op milter)",
+                f"  {'':24}" + "".join(f"{str(c) + ' client(s)':>22}" for c in clients)]
+        for name, by in m.items():
+            out.append(f"  {name:24}" + "".join(
+                f"{by[c]:>13.0f} ({_ratio(by[c], noop[c]):>5})" for c in clients))
+        trips = r["milter"]["redis_round_trips"]
+        out.append("  store round trips per session (Redis): "
+                   + ", ".join(f"{k} {v:.2f}" for k, v in trips.items()))
+    if "mta" in r:
+        seq = r["mta"]["postfix_sequential"]
+        out += ["", "Postfix, one SMTP session at a time, per message",
+                f"  {'':12}{'p50 ms':>9}{'p95 ms':>9}{'/ none':>8}"]
+        for name, v in seq.items():
+            out.append(f"  {name:12}{v['p50_ms']:>9.2f}{v['p95_ms']:>9.2f}"
+                       f"{_ratio(v['p50_ms'], seq['none']['p50_ms']):>8}")
+        out.append(f"  guard inet - unix p50: "
+                   f"{seq['guard-inet']['p50_ms'] - seq['guard-unix']['p50_ms']:+.2f} ms")
+        tput = r["mta"]["postfix_msgs_per_s"]
+        out += ["", "Postfix, smtp-source to smtp-sink, messages/s (ratio to no milter)"]
+        for sessions, by in tput.items():
+            out.append(f"  {sessions:>2} session(s): " + "  ".join(
+                f"{n} {v:.0f} ({_ratio(v, by['none'])})" for n, v in by.items()))
+        sm = r["mta"]["sendmail_sequential"]
+        out += ["", "Sendmail, one SMTP session at a time, per message"]
+        for name, v in sm.items():
+            out.append(f"  guard-{name:7} p50 {v['p50_ms']:7.2f} ms   p95 {v['p95_ms']:7.2f} ms")
+        out.append(f"  guard inet - unix p50: "
+                   f"{sm['inet']['p50_ms'] - sm['unix']['p50_ms']:+.2f} ms")
+    if "core" in r:
+        c = r["core"]
+        out += ["", "The parts alone"]
+        for n, v in c["decide"].items():
+            out.append(f"  decide(), {n:>6} domains: {v['decide_us']:6.2f} us per call "
+                       f"({v['decide_us'] / v['dict_lookup_us']:.0f}x a dict lookup)")
+        p = c["probe_cycle"]
+        out.append(f"  probe cycle, {p['targets']} targets ({p['down_or_unknown']} silent or "
+                   f"refusing): first round {p['first_round_s']:.2f} s; per 10 s cycle "
+                   f"{p['probes_per_cycle']:.0f} probes, {p['cpu_s_per_cycle']:.2f} CPU-s")
+        s = c["startup"]
+        out.append(f"  mx-guard run, {s['domains']} domains: listening after "
+                   f"{s['start_s']:.2f} s, RSS {s['rss_mb']:.0f} MB")
+    return "\n".join(out)
+
+
+def main(argv: list[str]) -> int:
+    wanted = argv or list(SECTIONS)
+    unknown = set(wanted) - SECTIONS.keys()
+    if unknown:
+        print(f"unknown section(s) {sorted(unknown)}; choose from {list(SECTIONS)}",
+              file=sys.stderr)
+        return 2
+    # Postfix's processes (user postfix) must reach the work and socket directories.
+    work = Path(os.environ.get("TMPDIR", "/tmp")) / f"mx-guard-bench-{os.getpid()}"
+    work.mkdir(parents=True, mode=0o755)
+    sockets = guard_socket_dir()
+    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                               "machine": machine()}
+    started = time.perf_counter()
+    try:
+        for name in wanted:
+            results[name] = SECTIONS[name](work, sockets)
     finally:
         shutil.rmtree(sockets, ignore_errors=True)
-
-
-def _rounds(mta: PostfixMTA, milters: dict[str, str]) -> dict[str, list[float]]:
-    samples: dict[str, list[float]] = {name: [] for name in milters}
-    names = list(milters)
-    for r in range(ROUNDS):
-        order = names[r % 3:] + names[:r % 3]
-        for name in order:
-            mta.set_main(smtpd_milters=milters[name])
-            send(mta.host, mta.port, "a@client.example", "user@flagged.example",
-                 source=CLIENT)  # warm the new smtpd and the milter connection path
-            for _ in range(PER_ROUND):
-                started = time.perf_counter()
-                result = send(mta.host, mta.port, "a@client.example", "user@flagged.example",
-                              source=CLIENT)
-                samples[name].append(time.perf_counter() - started)
-                if not result.data or result.data[0] != 250:
-                    raise SystemExit(f"{name}: message not accepted: {result}")
-    return samples
-
-
-def decide_bench() -> tuple[float, float]:
-    config = parse_config({
-        "self": {"names": ["mx2.example.org"]},
-        "domain": [{"name": "example.org", "mx": [
-            {"host": "mx1.example.org", "preference": 10, "addresses": ["192.0.2.1"]},
-            {"host": "mx2.example.org", "preference": 20}]}],
-    })
-    now = time.time()
-    snapshot = HealthSnapshot.build(
-        [Observation(Target("192.0.2.1"), "mx2", State.UP, now - 600, now)], now, "bench")
-    dom = config.domain("example.org")
-    assert dom is not None and dom.mx is not None
-    mxset = MxSet("example.org", dom.mx)
-    conn = Connection(client_address("203.0.113.7"), now)
-    table = {"example.org": mxset}
-
-    def per_call(fn: Callable[[], object], n: int = 20000) -> float:
-        runs = []
-        for _ in range(7):
-            started = time.perf_counter()
-            for _ in range(n):
-                fn()
-            runs.append((time.perf_counter() - started) / n)
-        return statistics.median(runs)
-
-    return (per_call(lambda: decide(conn, "example.org", mxset, snapshot, config)),
-            per_call(lambda: table.get("example.org")))
-
-
-def p95(values: list[float]) -> float:
-    return sorted(values)[int(len(values) * 0.95) - 1]
-
-
-def main() -> int:
-    work = Path(os.environ.get("TMPDIR", "/tmp")) / f"mx-guard-bench-{os.getpid()}"
-    work.mkdir(parents=True)
-    try:
-        samples = mta_bench(work)
-    finally:
         shutil.rmtree(work, ignore_errors=True)
-    med = {name: statistics.median(v) for name, v in samples.items()}
-    print(f"Postfix, one message per SMTP session, {ROUNDS}x{PER_ROUND} per setup:")
-    for name, values in samples.items():
-        print(f"  {name:<6} median {med[name] * 1000:7.2f} ms   p95 {p95(values) * 1000:7.2f} ms")
-    print(f"  ratio guard/noop {med['guard'] / med['noop']:.2f}   "
-          f"guard/none {med['guard'] / med['none']:.2f}   "
-          f"noop/none {med['noop'] / med['none']:.2f}")
-    decision, lookup = decide_bench()
-    print(f"decide(): {decision * 1e6:.1f} us per call, {decision / lookup:.0f}x a dict lookup "
-          f"({lookup * 1e9:.0f} ns)")
+    results["bench_seconds"] = time.perf_counter() - started
+    path = Path(os.environ.get("BENCH_JSON", "bench.json"))
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    print(table(results))
+    print(f"\n({results['bench_seconds']:.0f} s; every number in {path})")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
