@@ -9,6 +9,9 @@ Sections (each module's header says how it measures):
            TCP socket; Sendmail with the guard on a Unix and a TCP socket (bench_mta.py)
   core     decide() with 100 and 10,000 domains, a probe cycle of 2,000 targets, start
            time and memory with 10,000 domains (bench_core.py)
+  evidence a witness's record readable by a secondary after the connect (p99), and the
+           RCPT callback of a bypass with Redis evidence at 1 and 8 clients
+           (evidence_bench.py)
 ``python -m tests.support.bench [SECTION...]`` runs some; the table goes to stdout and
 every number to bench.json (or $BENCH_JSON). Medians throughout; the machines here are
 shared and noisy, so read the ratios, which compare numbers taken side by side.
@@ -26,10 +29,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.support import bench_core, bench_milter, bench_mta
+from tests.support import bench_core, bench_milter, bench_mta, evidence_bench
 from tests.support.smtp import guard_socket_dir
 
-SECTIONS = {"milter": bench_milter.run, "mta": bench_mta.run, "core": bench_core.run}
+SECTIONS = {"milter": bench_milter.run, "mta": bench_mta.run, "core": bench_core.run,
+            "evidence": evidence_bench.run}
 
 
 def machine() -> str:
@@ -96,6 +100,16 @@ def table(r: dict[str, Any]) -> str:
         s = c["startup"]
         out.append(f"  mx-guard run, {s['domains']} domains: listening after "
                    f"{s['start_s']:.2f} s, RSS {s['rss_mb']:.0f} MB")
+    if "evidence" in r:
+        e = r["evidence"]
+        w = e["witness"]
+        out += ["", "Evidence",
+                f"  witness connect -> record readable by a secondary: p50 {w['p50_ms']:.2f} ms, "
+                f"p99 {w['p99_ms']:.2f} ms ({w['samples']} connects; target p99 100 ms)"]
+        for n, b in e["bypass"].items():
+            out.append(f"  bypass RCPT with Redis evidence, {n} client(s): p50 "
+                       f"{b['p50_ms']:.2f} ms, p99 {b['p99_ms']:.2f} ms, max {b['max_ms']:.2f} ms "
+                       f"({b['rcpts']} RCPTs)")
     return "\n".join(out)
 
 

@@ -101,6 +101,12 @@ def bypass_latency(clients: int = 8, per_client: int = 150) -> dict[str, Any]:
                 "evidence_scripts": scripts}
 
 
+def run(work: Path, sockets: Path) -> dict[str, Any]:
+    """The bench section: its own Redis, guards and sockets (work and sockets unused)."""
+    return {"witness": witness_latency(),
+            "bypass": {str(n): bypass_latency(clients=n) for n in (1, 8)}}
+
+
 def main() -> None:
     w = witness_latency()
     print(f"witness connect -> record readable: p50 {w['p50_ms']:.2f} ms, "
