@@ -606,7 +606,8 @@ def _check_together(
         raise ConfigError(
             f"{path}: [traps] threshold ({traps.threshold}) must be 0 (off) or more than "
             f"[release] attempts ({release.attempts}): a sender that ignores MX order "
-            "would be rejected before its retries are released, and its mail bounced"
+            "would be rejected before its retries are released, and its mail bounced "
+            "(and every recipient counts: keep it far above, e.g. 100)"
         )
     witness = sections.get("witness", WitnessConfig())
     if witness.role is WitnessRole.WITNESS and witness.heartbeat >= policy.stale_after:

@@ -27,12 +27,14 @@ import logging
 import os
 import socket
 import threading
+import time
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from guard.config import Config, ConfigError, load_config, parse_config
+from guard.episodes import FaultEpisode
 
 log = logging.getLogger("guard.control")
 
@@ -41,6 +43,7 @@ SOCKET_MODE = 0o660
 INET_MILTER_CONTROL_SOCKET = "/run/mx-guard/guard.control.sock"
 REQUEST_MAX_BYTES = 64 * 1024
 MAX_CLIENTS = 8
+ACCEPT_RETRY_SECONDS = 0.1  # after a failed accept(), before the next
 
 Handler = Callable[[Mapping[str, Any]], Any]
 
@@ -166,6 +169,7 @@ class ControlServer:
         self._listener: socket.socket | None = None
         self._inode: int | None = None
         self._clients = threading.BoundedSemaphore(MAX_CLIENTS)
+        self._accept_fault = FaultEpisode("control socket (accepting clients)", log)
         self._thread = threading.Thread(target=self._accept_loop, name="control", daemon=True)
 
     def start(self) -> bool:
@@ -228,16 +232,25 @@ class ControlServer:
                 return
             try:
                 conn, _ = listener.accept()
-            except OSError:
+            except OSError as e:
                 if self._listener is None:
                     return  # stopped
-                log.exception("control socket accept failed")
+                # Out of descriptors, say: once in the log, and no busy loop that would
+                # drown the log and take the GIL from the milter threads.
+                self._accept_fault.failed(e)
+                time.sleep(ACCEPT_RETRY_SECONDS)
                 continue
+            self._accept_fault.succeeded()
             if not self._clients.acquire(blocking=False):
                 self._refuse_busy(conn)
                 continue
-            threading.Thread(target=self._serve, args=(conn,), name="control-client",
-                             daemon=True).start()
+            try:
+                threading.Thread(target=self._serve, args=(conn,), name="control-client",
+                                 daemon=True).start()
+            except RuntimeError as e:  # no thread to be had: this client goes unserved
+                self._clients.release()
+                conn.close()
+                self._accept_fault.failed(e)
 
     def _refuse_busy(self, conn: socket.socket) -> None:
         with conn:

@@ -19,11 +19,14 @@ class FaultEpisode:
         self._since: float | None = None
         self._lock = threading.Lock()
 
-    def failed(self, error: Exception) -> None:
+    def failed(self, error: Exception) -> bool:
+        """Note a failure; True if it started an episode (and was logged)."""
         with self._lock:
-            if self._since is None:
-                self._since = time.monotonic()
-                self._log.warning("%s failing: %s; carrying on without it", self._what, error)
+            if self._since is not None:
+                return False
+            self._since = time.monotonic()
+            self._log.warning("%s failing: %s; carrying on without it", self._what, error)
+            return True
 
     def succeeded(self, summary: str = "") -> None:
         """The fault ended; ``summary`` (", 12 lines lost") ends the log line."""

@@ -32,6 +32,7 @@ from typing import TextIO
 from guard import metrics
 from guard.config import LogConfig, LogTarget
 from guard.episodes import FaultEpisode
+from guard.logsafe import printable
 
 LOG_QUEUE_MAX = 10000  # records waiting for the writer before new ones are dropped
 IDENT = "mx-guard"
@@ -83,7 +84,25 @@ class DroppingQueueHandler(logging.handlers.QueueHandler):
             self.dropped.drop()
 
 
-class _JournalFormatter(logging.Formatter):
+def _printable_line(line: str) -> str:
+    return line if line.isprintable() else printable(line, len(line))
+
+
+class SafeFormatter(logging.Formatter):
+    """Every line it writes is printable text, and continuation lines (a traceback, a
+    stack) are indented: an exception message that carries client text cannot start a
+    log line of its own, nor a journal priority prefix."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        first, newline, rest = text.partition("\n")
+        if not newline:
+            return _printable_line(text)
+        return "\n".join([_printable_line(first),
+                          *(f"  | {_printable_line(line)}" for line in rest.split("\n"))])
+
+
+class _JournalFormatter(SafeFormatter):
     def format(self, record: logging.LogRecord) -> str:
         record.priority = severity(record.levelno)
         return super().format(record)
@@ -183,7 +202,7 @@ class Logs:
         if under_journald(self._stream, self._environ):
             handler.setFormatter(_JournalFormatter(JOURNAL_FORMAT))
         else:
-            handler.setFormatter(logging.Formatter(STDERR_FORMAT))
+            handler.setFormatter(SafeFormatter(STDERR_FORMAT))
         return handler
 
     def apply(self, config: LogConfig) -> None:
@@ -204,7 +223,7 @@ class Logs:
                     config.syslog_socket, e.strerror or e)
                 return
             sink: logging.Handler = syslog
-            sink.setFormatter(logging.Formatter(SYSLOG_FORMAT))
+            sink.setFormatter(SafeFormatter(SYSLOG_FORMAT))
         else:
             sink = self._stderr()
         old, self._sink = self._sink, sink

@@ -44,8 +44,10 @@ class EvidenceLookup:
             metrics.STORE_ERRORS.labels("evidence").inc()
             self._failed.inc()
             return None
-        except Exception:  # a bug in the store: the plain action, and say so
-            log.exception("looking up bypass evidence failed")
+        except Exception as e:  # a bug in the store: the plain action, and say so once
+            self._resume_at = time.monotonic() + BACKOFF_SECONDS
+            if self._episode.failed(e):
+                log.exception("looking up bypass evidence failed")
             self._failed.inc()
             return None
         self._episode.succeeded()

@@ -105,7 +105,10 @@ class GuardMilter(Milter.Base):  # type: ignore[misc]
         self.client_name: str | None = None
         self.helo = ""
         self.connected_at = time.time()
-        self._our_header = guard.config.policy.header.lower()  # compared once per header
+        # Fixed for the connection: a reload that renames the header must not make eom
+        # delete (or add) under another name than the one counted in header().
+        self._header_name = guard.config.policy.header
+        self._our_header = self._header_name.lower()  # compared once per header
         self._reset()
 
     def _reset(self) -> None:
@@ -202,7 +205,7 @@ class GuardMilter(Milter.Base):  # type: ignore[misc]
             queue_id = self._macro("i") or NO_QUEUE_ID
             for d in self.decisions:
                 self._log(queue_id, d.recipient, d.verdict)
-            name = self.guard.config.policy.header
+            name = self._header_name
             # Highest index first, so the indexes still to delete do not shift.
             for index in range(self.forged_headers, 0, -1):
                 self.chgheader(name, index, "")

@@ -31,8 +31,8 @@ NO_QUEUE_ID = "NOQUEUE"  # what Postfix itself logs before a queue id exists
 # Which verdict explains a message best when its recipients got different ones: the
 # strongest signal first.
 HEADER_PRECEDENCE = (
-    Reason.BYPASS, Reason.HEALTH_UNKNOWN, Reason.MX_UNKNOWN, Reason.RECENTLY_DOWN,
-    Reason.PRIMARY_DOWN, Reason.UNREACHABLE,
+    Reason.BYPASS, Reason.SEEN_AT_PRIMARY, Reason.RELEASED, Reason.HEALTH_UNKNOWN,
+    Reason.MX_UNKNOWN, Reason.RECENTLY_DOWN, Reason.PRIMARY_DOWN, Reason.UNREACHABLE,
 )
 
 

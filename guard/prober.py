@@ -125,7 +125,7 @@ class UrgentProbes:
     the prober calls it under its lock."""
 
     def __init__(self, spacing: float) -> None:
-        self._spacing = spacing
+        self.spacing = spacing  # seconds; a reload may change it
         self._granted: dict[Target, float] = {}
         self._in_flight: set[Target] = set()
 
@@ -133,7 +133,7 @@ class UrgentProbes:
         if target in self._in_flight:
             return False  # the probe under way answers the question
         last = self._granted.get(target)
-        if last is not None and now - last < self._spacing:
+        if last is not None and now - last < self.spacing:
             return False
         self._granted[target] = now
         return True
@@ -271,6 +271,7 @@ class Prober:
         ``self.node`` stay as they were started."""
         with self._lock:
             self._config = config
+            self._urgent.spacing = config.probe.down_interval
             for tracker in self._trackers.values():
                 tracker.rise, tracker.fall = config.probe.rise, config.probe.fall
 
@@ -400,9 +401,10 @@ class Prober:
 
     def record(self, tracker: Hysteresis, result: ProbeResult) -> None:
         """Take one probe's result: state, metrics, the publisher, transition hooks."""
-        metrics.PROBES.labels(str(result.result)).inc()
         with self._lock:
             self._urgent.finished(tracker.target)
+        metrics.PROBES.labels(str(result.result)).inc()
+        with self._lock:
             transition = tracker.record(result, self._clock())
             obs = tracker.observation()
         log.debug("probe %s: %s %s (%.0f ms)", tracker.target, result.result, result.detail,

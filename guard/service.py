@@ -16,7 +16,7 @@ from collections.abc import Callable
 from guard import metrics
 from guard.config import Config, WitnessRole
 from guard.discovery import MxDirectory, directory_for
-from guard.evidence import EvidenceRules, bypass_try
+from guard.evidence import EvidenceRules, bypass_try, registrable_domain
 from guard.health import HealthSnapshot, Observation, State, Target
 from guard.lookup import EvidenceLookup
 from guard.policy import Connection, Reason, Verdict, decide, with_evidence
@@ -92,6 +92,10 @@ class Guard:
                              config)
 
     def start(self) -> None:
+        if self.witness is None:
+            # The Public Suffix List takes tens of milliseconds to load: not in the
+            # first bypass's callback.
+            registrable_domain("example.org")
         if self.witness is not None:
             log.info("starting node %s as a witness: recording clients in store %s, "
                      "deciding nothing", self.config.me.node, self.store.description)

@@ -193,6 +193,28 @@ def test_redis_bypass_is_one_script_call(redis_server: RedisServer) -> None:
     assert calls(after, "eval") == calls(before, "eval")
 
 
+def test_redis_bypass_after_script_flush_sends_the_text_once(
+        redis_server: RedisServer) -> None:
+    store = RedisStore(redis_server.url)
+    try:
+        assert store.record_bypass(attempt(), RULES).identities[0].tries == 1
+        redis_server.admin.script_flush()
+        admin = redis_server.admin
+        before = admin.info("commandstats")
+        again = store.record_bypass(attempt(), RULES)
+        after = admin.info("commandstats")
+        third = store.record_bypass(attempt(), RULES)
+    finally:
+        store.close()
+    assert (again.identities[0].tries, third.identities[0].tries) == (2, 3)
+
+    def calls(stats: dict[str, Any], command: str) -> int:
+        return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+    # EVALSHA answered NOSCRIPT, then EVAL with the text: two trips for that call only.
+    assert calls(after, "eval") - calls(before, "eval") == 1
+
+
 # -- round trips per path, through the running guard's own decide() -------------------
 
 
@@ -245,6 +267,7 @@ class CountingStore:
 
 MX1 = Target("192.0.2.1", 25)
 UNKNOWN_MX = Target("192.0.2.50", 25)
+BACK_MX = Target("192.0.2.60", 25)  # failed a probe a minute ago, up again since
 
 
 def path_config() -> Config:
@@ -256,7 +279,8 @@ def path_config() -> Config:
         "self": {"node": "mx2", "names": ["mx2.example.org"]},
         "domain": [{"name": "up.example", "mx": mx(MX1.address)},
                    {"name": "down.example", "mx": mx("192.0.2.9")},
-                   {"name": "unknown.example", "mx": mx(UNKNOWN_MX.address)}],
+                   {"name": "unknown.example", "mx": mx(UNKNOWN_MX.address)},
+                   {"name": "back.example", "mx": mx(BACK_MX.address)}],
     })
 
 
@@ -267,6 +291,7 @@ def guard_on(store: Store) -> tuple[Guard, CountingStore]:
     counting.publish([
         Observation(MX1, "mx2", State.UP, now - 3600, now, now),
         Observation(Target("192.0.2.9"), "mx2", State.DOWN, now - 60, now, None, now),
+        Observation(BACK_MX, "mx2", State.UP, now - 30, now, now, now - 60),
     ], [])
     guard.refresher.refresh_once()
     return guard, counting
@@ -277,9 +302,11 @@ def guard_on(store: Store) -> tuple[Guard, CountingStore]:
     ("203.0.113.7", "other.example", Reason.NOT_SECONDARY, 0),
     ("203.0.113.7", "down.example", Reason.PRIMARY_DOWN, 0),
     ("203.0.113.7", "unknown.example", Reason.HEALTH_UNKNOWN, 0),
+    ("203.0.113.7", "back.example", Reason.RECENTLY_DOWN, 0),
+    (None, "up.example", Reason.CLIENT_UNKNOWN, 0),
     ("203.0.113.7", "up.example", Reason.BYPASS, 1),
 ])
-def test_store_round_trips_per_path(stores: StoreFactory, client: str, domain: str,
+def test_store_round_trips_per_path(stores: StoreFactory, client: str | None, domain: str,
                                     want_reason: Reason, want_trips: int) -> None:
     guard, counting = guard_on(stores())
     conn = Connection(client_address(client), time.time())
@@ -311,4 +338,27 @@ def test_a_frozen_redis_costs_a_bypass_at_most_the_budget(redis_server: RedisSer
     assert took < 0.25, took  # the SPEC's budget for everything a callback waits on
     # Within the back-off the store is not asked at all.
     assert after.reason is Reason.BYPASS and after.evidence is None
-    assert counting.calls == ["record_bypass"] * 2 and took_after < 0.05
+    assert counting.calls == ["record_bypass"] * 2  # the second was never sent
+    assert took_after < took  # and cost no store timeout
+
+
+def test_memory_store_expires_evidence_a_little_per_call_and_caps_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from guard.store import memory
+
+    now = [NOW]
+    store = MemoryStore(observation_ttl=60.0, clock=lambda: now[0])
+    short = EvidenceRules(3, 900.0, release_ttl=10.0, witness_fresh=60.0, trap_ttl=10.0)
+    for n in range(100):
+        store.record_bypass(attempt(NOW, sender=f"<s{n}@x.example>"), short)
+    assert len(store._identities) == 100
+    now[0] += 60  # all of them expired
+    store.record_bypass(attempt(now[0]), short)  # one call drops a few, not all
+    assert len(store._identities) == 100 + 1 - memory.EXPIRE_PER_CALL
+    for _ in range(10):
+        store.record_bypass(attempt(now[0]), short)
+    assert len(store._identities) == 1  # the live one
+    monkeypatch.setattr(memory, "ENTRIES_MAX", 5)
+    for n in range(8):
+        store.record_bypass(attempt(now[0], sender=f"<t{n}@x.example>"), short)
+    assert len(store._identities) == 5

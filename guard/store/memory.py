@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from guard.evidence import (
     BypassTry,
@@ -23,7 +24,12 @@ from guard.evidence import (
 from guard.health import Observation, Target, Transition
 from guard.store.base import HISTORY_MAX
 
-SWEEP_MIN = 1024  # entries before the first sweep of expired evidence
+# Evidence expires a few entries per call, oldest first (each kind is kept in the order
+# of its last write, which is the order of expiry): never a sweep of everything inside
+# a milter callback. Past ENTRIES_MAX of one kind the oldest goes, so a flood of new
+# senders costs bounded memory.
+EXPIRE_PER_CALL = 16
+ENTRIES_MAX = 1_000_000
 
 
 @dataclass
@@ -31,6 +37,23 @@ class _Identity:
     tries: int
     first_at: float
     expires: float
+
+
+V = TypeVar("V")
+
+
+def _expire_oldest(entries: collections.OrderedDict[str, V], expired: Callable[[V], bool],
+                   most: int) -> None:
+    """Drop up to ``most`` expired entries from the old end, and any past ENTRIES_MAX."""
+    for _ in range(most):
+        if not entries:
+            return
+        oldest = next(iter(entries.values()))
+        if not expired(oldest):
+            break
+        entries.popitem(last=False)
+    while len(entries) > ENTRIES_MAX:
+        entries.popitem(last=False)
 
 
 class MemoryStore:
@@ -46,12 +69,12 @@ class MemoryStore:
         self._history: collections.deque[Transition] = collections.deque(maxlen=history_max)
         self._changed = threading.Condition()
         self._generation = 0
-        self._identities: dict[str, _Identity] = {}
-        self._seen: dict[str, tuple[float, float]] = {}  # network -> (seen at, expires)
+        self._identities: collections.OrderedDict[str, _Identity] = collections.OrderedDict()
+        # network -> (seen at, expires)
+        self._seen: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
         self._heartbeats: dict[str, float] = {}  # witness node -> newest heartbeat
         self._heartbeats_expire = 0.0
-        self._traps: dict[str, Trap] = {}
-        self._next_sweep = SWEEP_MIN
+        self._traps: collections.OrderedDict[str, Trap] = collections.OrderedDict()
 
     @property
     def description(self) -> str:
@@ -105,6 +128,7 @@ class MemoryStore:
                 if record:
                     known.tries, known.expires = tries, now + rules.release_ttl
                     self._identities[key] = known
+                    self._identities.move_to_end(key)
                 counts.append(IdentityCount(identity, tries, known.first_at))
                 released = released or is_released(tries, known.first_at, at, rules)
             seen = self._seen.get(bypass.network)
@@ -119,7 +143,8 @@ class MemoryStore:
                 count += 1
                 if record:
                     self._traps[bypass.client] = Trap(bypass.client, count, at)
-            self._expire_evidence(now, rules.trap_ttl)
+                    self._traps.move_to_end(bypass.client)
+            self._expire_some(now, rules.trap_ttl)
         return Evidence(at, tuple(counts), heartbeat, seen_at, count)
 
     def _newest_heartbeat(self, now: float) -> float | None:
@@ -139,28 +164,22 @@ class MemoryStore:
         with self._changed:
             for network in networks:
                 self._seen[network] = (at, now + ttl)
+                self._seen.move_to_end(network)
             if now >= self._heartbeats_expire:
                 self._heartbeats.clear()  # as the Redis hash expires with the last witness
             self._heartbeats[node] = at
             self._heartbeats_expire = now + ttl
-            if len(self._seen) >= self._next_sweep:
-                self._seen = {k: v for k, v in self._seen.items() if v[1] > now}
-                self._next_sweep = 2 * len(self._seen) + SWEEP_MIN
+            _expire_oldest(self._seen, lambda v: v[1] <= now, len(networks) + EXPIRE_PER_CALL)
 
     def traps(self, now: float, ttl: float) -> list[Trap]:
         with self._changed:
             return sorted((t for t in self._traps.values() if t.last_at + ttl > now),
                           key=lambda t: (-t.count, t.address))
 
-    def _expire_evidence(self, now: float, trap_ttl: float) -> None:
-        # Now and then, not per call: a scan of everything per bypass would be O(n).
-        if len(self._identities) + len(self._seen) + len(self._traps) < self._next_sweep:
-            return
-        self._identities = {k: v for k, v in self._identities.items() if v.expires > now}
-        self._seen = {k: v for k, v in self._seen.items() if v[1] > now}
-        self._traps = {k: v for k, v in self._traps.items() if v.last_at + trap_ttl > now}
-        live = len(self._identities) + len(self._seen) + len(self._traps)
-        self._next_sweep = 2 * live + SWEEP_MIN
+    def _expire_some(self, now: float, trap_ttl: float) -> None:
+        _expire_oldest(self._identities, lambda v: v.expires <= now, EXPIRE_PER_CALL)
+        _expire_oldest(self._seen, lambda v: v[1] <= now, EXPIRE_PER_CALL)
+        _expire_oldest(self._traps, lambda v: v.last_at + trap_ttl <= now, EXPIRE_PER_CALL)
 
     def wait_for_change(self, timeout: float) -> bool:
         with self._changed:

@@ -24,8 +24,9 @@ Key layout, all under the configured prefix ``P`` (default ``mxguard:``):
   trapped addresses by last count, for ``mx-guard traps`` (trimmed by the script).
 
 Contracts: ``publish``, ``observations``, ``record_bypass`` and ``record_witness``
-are one round trip each (the script is sent by its SHA; Redis asks for the text once
-after a restart or SCRIPT FLUSH, which costs that one call a second trip). Every call is
+are one round trip each (the script is sent by its SHA; after a restart or SCRIPT
+FLUSH the server answers NOSCRIPT and the text goes once with EVAL: a second trip for
+that one call). ``record_bypass`` runs inside a milter callback and is never retried. Every call is
 bounded: socket and connect timeouts are the store timeout, redis-py's own retries are
 off, and a call is retried at most once, only after a connection error that came fast
 (a socket the server closed, a master demoted by a failover), never after a timeout, so
@@ -43,6 +44,7 @@ is tolerated.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -340,7 +342,7 @@ class RedisStore:
         self._decoded: dict[tuple[str, str], tuple[Observation, float]] = {}
         self._wait_lock = threading.Lock()
         self._closed = False
-        self._record_bypass = self._redis.register_script(_RECORD_BYPASS)
+        self._record_bypass_sha = hashlib.sha1(_RECORD_BYPASS.encode()).hexdigest()
 
     @classmethod
     def from_config(cls, config: Config) -> RedisStore:
@@ -392,7 +394,7 @@ class RedisStore:
 
     # -- bounded calls ------------------------------------------------------------
 
-    def _call(self, what: str, operation: Callable[[], T]) -> T:
+    def _call(self, what: str, operation: Callable[[], T], retry: bool = True) -> T:
         if self._closed:
             raise StoreError(f"redis {what}: store is closed")
         started = time.monotonic()
@@ -403,7 +405,7 @@ class RedisStore:
             # socket the server closed (restart, idle timeout), a master that a
             # failover demoted. A timeout is not: the server is frozen or paused, and
             # waiting again would only double the time the caller waits.
-            if time.monotonic() - started >= self._timeout:
+            if not retry or time.monotonic() - started >= self._timeout:
                 raise StoreError(f"redis {what}: {_short(e)}") from e
             log.debug("redis %s: %s; retrying once", what, _short(e))
         except _FAULTS as e:
@@ -547,10 +549,16 @@ class RedisStore:
             repr(bypass.at), rules.attempts, repr(rules.min_age), _ms(rules.release_ttl),
             repr(rules.witness_fresh), _ms(rules.trap_ttl), bypass.client,
         ]
-        # A retry after a dropped reply counts the try twice: one try early is the
-        # price of not losing the evidence to a restarted connection.
-        raw = cast("list[str | None]", self._call(
-            "record bypass", lambda: self._record_bypass(keys=keys, args=args)))
+        def run() -> Any:
+            try:
+                return self._redis.evalsha(self._record_bypass_sha, len(keys), *keys, *args)
+            except redis.exceptions.NoScriptError:
+                # A restarted or flushed server: the text, once (EVAL caches it there).
+                return self._redis.eval(_RECORD_BYPASS, len(keys), *keys, *args)
+
+        # No retry: this runs inside a milter callback, whose budget a reconnect and a
+        # second try could overrun; the plain action is the price of one lost lookup.
+        raw = cast("list[str | None]", self._call("record bypass", run, retry=False))
         n = len(bypass.identities)
         try:
             counts = tuple(IdentityCount(identity, int(cast(str, raw[2 * i])),

@@ -137,8 +137,10 @@ def test_a_witness_on_a_postfix_primary(tmp_path: Path) -> None:
         fleet = GuardFleet(tmp_path)
         stack.callback(fleet.stop_all)
         sock = GuardSocket.unix(sockets, "secondary")
+        # tcp probes: while the witness stops, the primary's smtpd waits on its dying
+        # milter before it greets, and a banner probe would see the primary fail.
         guard = fleet.launch("secondary", sock, [GuardedDomain(DOMAIN, primary.address)],
-                             store=redis.url, stale_after="3s",
+                             store=redis.url, stale_after="3s", probe_mode="tcp",
                              extra="[release]\nipv4_prefix = 32\n")
         secondary = PostfixMTA(sock.postfix, relay_domains=[DOMAIN], next_hop=sink.address,
                                myhostname="mx2.test.example", milter_macros=POSTFIX_MACROS)
