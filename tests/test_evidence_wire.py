@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.fakeprimary import FakePrimary
-from tests.support.guardproc import GuardProcess, guard_toml
+from tests.support.guardproc import GuardProcess, guard_toml, witness_toml
 from tests.support.milterclient import AddHeader, MilterClient
 from tests.support.redis_server import RedisServer
 
@@ -99,28 +99,6 @@ def test_the_same_sender_retrying_from_its_network_is_released(
     # Another recipient is another identity.
     assert try_once(socket, "192.0.2.10", "<a@legit.example>",
                     rcpt="<other@flagged.example>")[0] == "tempfail"
-
-
-def witness_toml(socket: str, store: str) -> str:
-    return f"""
-[milter]
-socket = "{socket}"
-[self]
-node = "mx1"
-[store]
-url = "{store}"
-[probe]
-interval = "200ms"
-down_interval = "200ms"
-timeout = "1s"
-[policy]
-stale_after = "3s"
-[witness]
-role = "witness"
-heartbeat = "500ms"
-[release]
-ipv4_prefix = 32
-"""
 
 
 def test_a_witness_on_the_primary_tells_tried_from_skipped(tmp_path: Path,

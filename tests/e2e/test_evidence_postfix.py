@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.fakeprimary import FakePrimary
-from tests.support.guardproc import GuardProcess
+from tests.support.guardproc import GuardProcess, witness_toml
 from tests.support.postfix import PostfixMTA
 from tests.support.redis_server import RedisServer, redis_server_available
 from tests.support.smtp import (
@@ -91,28 +91,6 @@ def test_a_sender_ignoring_mx_order_is_released_and_nothing_is_lost(tmp_path: Pa
         assert len(sink.messages_for(to)) == 1  # delivered once, lost never
 
 
-def witness_config(socket: str, store: str) -> str:
-    return f"""
-[milter]
-socket = "{socket}"
-[self]
-node = "mx1"
-[store]
-url = "{store}"
-[probe]
-interval = "200ms"
-down_interval = "200ms"
-timeout = "1s"
-[policy]
-stale_after = "3s"
-[witness]
-role = "witness"
-heartbeat = "500ms"
-[release]
-ipv4_prefix = 32
-"""
-
-
 def test_a_witness_on_a_postfix_primary(tmp_path: Path) -> None:
     require_postfix()
     if not redis_server_available():
@@ -124,7 +102,7 @@ def test_a_witness_on_a_postfix_primary(tmp_path: Path) -> None:
         stack.callback(shutil.rmtree, sockets, ignore_errors=True)
         witness_sock = GuardSocket.unix(sockets, "witness")
         witness = stack.enter_context(GuardProcess(
-            witness_config(witness_sock.guard, redis.url), tmp_path, "witness"))
+            witness_toml(witness_sock.guard, redis.url), tmp_path, "witness"))
         witness.start()
         witness.wait_for_log("as a witness")
         # The primary: a real Postfix with the witness guard, relaying to the sink.

@@ -144,3 +144,27 @@ action = "flag"
 mx = [{mx1},
       {{ host = "mx2.example.org", preference = 20 }}]
 """
+
+
+def witness_toml(socket: str, store: str) -> str:
+    """A witness (node mx1, on the primary) writing to ``store``: heartbeat every 500 ms,
+    client networks as /32, so that each loopback test client is a network of its own."""
+    return f"""
+[milter]
+socket = "{socket}"
+[self]
+node = "mx1"
+[store]
+url = "{store}"
+[probe]
+interval = "200ms"
+down_interval = "200ms"
+timeout = "1s"
+[policy]
+stale_after = "3s"
+[witness]
+role = "witness"
+heartbeat = "500ms"
+[release]
+ipv4_prefix = 32
+"""
