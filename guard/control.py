@@ -275,17 +275,26 @@ class ControlServer:
 
 def _read_line(conn: socket.socket) -> bytes | None:
     """The request line; an answer and None when it is too long."""
+    data = _recv_line(conn, REQUEST_MAX_BYTES)
+    if data is None:
+        conn.sendall(json.dumps({"ok": False, "error": f"request longer than "
+                                 f"{REQUEST_MAX_BYTES} bytes"}).encode() + b"\n")
+        return None
+    return data.split(b"\n", 1)[0]
+
+
+def _recv_line(sock: socket.socket, limit: int | None = None) -> bytes | None:
+    """Bytes up to and including the first newline (or the peer's close); None once
+    more than ``limit`` bytes came without one."""
     data = b""
     while b"\n" not in data:
-        chunk = conn.recv(4096)
+        chunk = sock.recv(65536)
         if not chunk:
             break
         data += chunk
-        if len(data) > REQUEST_MAX_BYTES:
-            conn.sendall(json.dumps({"ok": False, "error": f"request longer than "
-                                     f"{REQUEST_MAX_BYTES} bytes"}).encode() + b"\n")
+        if limit is not None and len(data) > limit:
             return None
-    return data.split(b"\n", 1)[0]
+    return data
 
 
 def _answers(path: str) -> bool:
@@ -314,12 +323,7 @@ def ask(path: str, command: str, args: Mapping[str, Any] | None = None,
             raise ControlUnavailable(f"{path}: {e.strerror or e}") from None
         try:
             s.sendall(request)
-            data = b""
-            while b"\n" not in data:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+            data = _recv_line(s) or b""
         except OSError as e:
             raise ControlUnavailable(f"{path}: {e.strerror or e}") from None
     try:
